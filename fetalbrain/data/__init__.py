@@ -1,0 +1,1 @@
+"""Data: readers → table (path, label, split, source, case) → splits → datasets → DataModule."""

@@ -1,0 +1,186 @@
+"""The LightningDataModule: table → split → decoded (cached) images → augmented tensors."""
+
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+
+from fetalbrain.data.images import ImageReadError, read_grayscale
+from fetalbrain.data.readers import DatasetError, read_dataset
+from fetalbrain.data.splits import assign_parts
+from fetalbrain.data.transforms import build_pipeline, preprocessing
+
+log = logging.getLogger(__name__)
+
+
+class UltrasoundDataset(Dataset):
+    """Grayscale images and integer targets; decoded arrays come from the cache when given."""
+
+    def __init__(self, paths, targets, transform, channels: int = 1, images=None):
+        self.paths, self.targets, self.transform = list(paths), list(targets), transform
+        self.channels, self.images = channels, images
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        image = self.images[index] if self.images is not None else read_grayscale(self.paths[index])
+        tensor = self.transform(image=image)["image"]
+        if self.channels == 3:  # an RGB backbone: replicate the grey channel
+            tensor = tensor.expand(3, -1, -1).contiguous()
+        return tensor, self.targets[index]
+
+
+class FetalBrainDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        root: str,
+        format: str = "auto",
+        splitter: str = "grouped",
+        group_level: str = "case",
+        num_folds: int = 5,
+        fold: int = 0,
+        val_num_folds: int = 5,
+        split_seed: int = 42,
+        image_size: int = 128,
+        channels: int = 1,
+        denoise: str = "none",
+        denoise_kernel: int = 5,
+        clahe: bool = False,
+        transforms: dict | None = None,
+        mean: float | None = None,
+        std: float | None = None,
+        batch_size: int = 32,
+        num_workers: int = 2,
+        cache: bool = True,
+        on_bad_image: str = "error",
+        sampler: str = "none",
+    ):
+        super().__init__()
+        if channels not in (1, 3):
+            raise ValueError(f"data.channels={channels}: must be 1 or 3")
+        if on_bad_image not in ("error", "skip"):
+            raise ValueError(f"data.on_bad_image={on_bad_image!r}: choose error or skip")
+        if sampler not in ("none", "weighted"):
+            raise ValueError(f"data.sampler={sampler!r}: choose none or weighted")
+        self.save_hyperparameters(ignore=["transforms"])
+        self.augment_cfg = (transforms or {}).get("augment") or []
+        self.table = None  # set by setup(): path, label, split, source, case, part, target
+        self.skipped: list[dict] = []
+
+    # ---- set-up ---------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.table is not None:
+            return
+        hp = self.hparams
+        table, self.class_names = read_dataset(hp.root, hp.format)
+        images = self._decode_all(table)
+        keep = [i for i, image in enumerate(images) if image is not None]
+        table = table.iloc[keep].reset_index(drop=True)
+        images = [images[i] for i in keep]
+        table, self.split_report = assign_parts(
+            table, hp.splitter, group_level=hp.group_level, num_folds=hp.num_folds, fold=hp.fold,
+            val_num_folds=hp.val_num_folds, seed=hp.split_seed,
+        )
+        table["target"] = table["label"].map({name: i for i, name in enumerate(self.class_names)})
+        self.table = table
+        train_images = [images[i] for i in np.flatnonzero(table["part"] == "train")]
+        if not train_images:
+            raise DatasetError(f"{hp.root}: the training part is empty after splitting")
+        self.mean = hp.mean if hp.mean is not None else float(np.mean([im.mean() for im in train_images]) / 255)
+        self.std = hp.std if hp.std is not None else _pixel_std(train_images, self.mean)
+        preprocess = preprocessing(hp.image_size, hp.denoise, hp.denoise_kernel, hp.clahe)
+        augment = [instantiate(t) for t in self.augment_cfg]
+        self.datasets = {}
+        for part in ("train", "val", "test"):
+            rows = np.flatnonzero(table["part"] == part)
+            transform = build_pipeline(preprocess, augment if part == "train" else [], self.mean, self.std)
+            self.datasets[part] = UltrasoundDataset(
+                table["path"].iloc[rows], table["target"].iloc[rows], transform, hp.channels,
+                [images[i] for i in rows] if hp.cache else None,
+            )
+        log.info("Data: %s, split %s", self.split_report.part_sizes, hp.splitter)
+
+    def _decode_all(self, table) -> list:
+        """Decode each image once: bad files fail now (or are skipped and listed), not mid-epoch."""
+        images = []
+        for path in table["path"]:
+            try:
+                images.append(read_grayscale(path))
+            except ImageReadError as error:
+                if self.hparams.on_bad_image == "error":
+                    raise DatasetError(f"{error}. Set data.on_bad_image=skip to leave such files out.") from error
+                self.skipped.append({"path": path, "error": str(error)})
+                images.append(None)
+        if self.skipped:
+            log.warning(
+                "Skipped %d unreadable image(s) (data.on_bad_image=skip): %s",
+                len(self.skipped), "; ".join(s["error"] for s in self.skipped[:5]),
+            )
+        return images
+
+    # ---- what the model and the reports need ----------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def train_class_counts(self) -> torch.Tensor:
+        targets = self.table.loc[self.table["part"] == "train", "target"].to_numpy()
+        return torch.as_tensor(np.bincount(targets, minlength=self.num_classes), dtype=torch.float32)
+
+    def part_table(self, part: str):
+        return self.table[self.table["part"] == part].reset_index(drop=True)
+
+    def preprocessing_config(self) -> dict:
+        """Everything inference needs to reproduce training's input pipeline."""
+        hp = self.hparams
+        return {
+            "image_size": hp.image_size, "channels": hp.channels, "mean": self.mean, "std": self.std,
+            "denoise": hp.denoise, "denoise_kernel": hp.denoise_kernel, "clahe": hp.clahe,
+        }
+
+    def data_summary(self) -> dict:
+        return {
+            "root": str(Path(self.hparams.root)),
+            "split": asdict(self.split_report),
+            "skipped_images": self.skipped,
+        }
+
+    # ---- loaders --------------------------------------------------------------------------------
+    def _loader(self, part: str, train: bool = False) -> DataLoader:
+        dataset = self.datasets[part]
+        sampler = None
+        if train and self.hparams.sampler == "weighted":
+            counts = np.bincount(dataset.targets, minlength=self.num_classes)
+            weights = 1.0 / counts[np.asarray(dataset.targets)]
+            sampler = WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), len(dataset))
+        workers = self.hparams.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=self.hparams.batch_size,
+            shuffle=train and sampler is None,
+            sampler=sampler,
+            drop_last=train and len(dataset) > self.hparams.batch_size,  # no size-1 BatchNorm batch
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self):
+        return self._loader("train", train=True)
+
+    def val_dataloader(self):
+        return self._loader("val")
+
+    def test_dataloader(self):
+        return self._loader("test")
+
+
+def _pixel_std(images: list[np.ndarray], mean: float) -> float:
+    second_moment = np.mean([np.mean((im.astype(np.float64) / 255) ** 2) for im in images])
+    return float(np.sqrt(max(second_moment - mean**2, 1e-12)))
