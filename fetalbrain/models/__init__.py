@@ -1,0 +1,1 @@
+"""Networks (plain/separable CNN, timm backbones) and the LightningModule that trains them."""

@@ -1,0 +1,212 @@
+"""The one LightningModule for classification: any net, cross-entropy, per-stage metric collections."""
+
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torchmetrics import MaxMetric, Metric, MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassAUROC,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MulticlassRecall,
+)
+
+
+class BalancedAccuracy(Metric):
+    """Mean recall over the classes present in the targets (sklearn's definition).
+
+    Unlike macro recall it ignores classes that are only predicted, never present: grouped splits
+    leave rare classes out of a part, and they should not count as zero.
+    """
+
+    full_state_update = False
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.add_state("correct", torch.zeros(num_classes), dist_reduce_fx="sum")
+        self.add_state("support", torch.zeros(num_classes), dist_reduce_fx="sum")
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        predicted = preds.argmax(dim=1) if preds.ndim == 2 else preds
+        self.support += torch.bincount(target, minlength=self.num_classes).float()
+        self.correct += torch.bincount(target[predicted == target], minlength=self.num_classes).float()
+
+    def compute(self) -> torch.Tensor:
+        present = self.support > 0
+        return (self.correct[present] / self.support[present]).mean()
+
+
+def classification_metrics(num_classes: int) -> MetricCollection:
+    macro = dict(num_classes=num_classes, average="macro")
+    return MetricCollection(
+        {
+            "accuracy": MulticlassAccuracy(num_classes=num_classes, average="micro"),
+            "balanced_accuracy": BalancedAccuracy(num_classes),
+            "precision_macro": MulticlassPrecision(**macro),
+            "recall_macro": MulticlassRecall(**macro),
+            "f1_macro": MulticlassF1Score(**macro),
+            "auroc_macro": MulticlassAUROC(**macro),
+        }
+    )
+
+
+class Classifier(L.LightningModule):
+    def __init__(
+        self,
+        net: dict | DictConfig,
+        class_names: list[str],
+        name: str = "",
+        optimizer: partial | None = None,
+        scheduler: partial | None = None,
+        label_smoothing: float = 0.0,
+        class_weighting: str = "none",
+        freeze_backbone_epochs: int = 0,
+        backbone_lr_factor: float = 1.0,
+        channels_last: bool = True,
+        compile: bool = False,
+        monitor: str = "val/f1_macro",
+        preprocessing: dict | None = None,
+    ):
+        super().__init__()
+        if class_weighting not in ("none", "balanced"):
+            raise ValueError(f"model.class_weighting={class_weighting!r}: choose none or balanced")
+        net = OmegaConf.to_container(net, resolve=True) if isinstance(net, DictConfig) else dict(net)
+        class_names = list(class_names)
+        # Plain Python values only: checkpoints must load with torch.load(weights_only=True).
+        self.save_hyperparameters(
+            {
+                "net": net, "class_names": class_names, "name": name, "label_smoothing": label_smoothing,
+                "class_weighting": class_weighting, "freeze_backbone_epochs": freeze_backbone_epochs,
+                "backbone_lr_factor": backbone_lr_factor, "channels_last": channels_last,
+                "compile": compile, "monitor": monitor,
+                "preprocessing": OmegaConf.to_container(preprocessing) if isinstance(preprocessing, DictConfig)
+                else preprocessing,
+            }
+        )
+        self.net = instantiate(net, num_classes=len(class_names))
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.register_buffer("class_weights", torch.ones(len(class_names)))
+        metrics = classification_metrics(len(class_names))
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+        self.train_accuracy = MulticlassAccuracy(num_classes=len(class_names), average="micro")
+        self.val_best = MaxMetric()
+        self._test_probs, self._test_targets = [], []
+        self.test_results: dict[str, torch.Tensor] = {}
+
+    # ---- the network ----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hparams.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return getattr(self, "_compiled_net", self.net)(x)
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return list(self.net.get_classifier().parameters())
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        head = {id(p) for p in self.head_parameters()}
+        return [p for p in self.net.parameters() if id(p) not in head]
+
+    def setup(self, stage: str) -> None:
+        if self.hparams.channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        if self.hparams.compile and not hasattr(self, "_compiled_net"):
+            # Not registered as a submodule: checkpoints keep the plain net's parameter names.
+            object.__setattr__(self, "_compiled_net", torch.compile(self.net))
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        if stage == "fit" and self.hparams.class_weighting == "balanced" and datamodule is not None:
+            counts = datamodule.train_class_counts().to(self.class_weights)
+            present = counts > 0
+            weights = torch.zeros_like(counts)
+            weights[present] = counts.sum() / (present.sum() * counts[present])
+            self.class_weights.copy_(weights)
+
+    # ---- training -------------------------------------------------------------------------------
+    def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        weight = self.class_weights if self.hparams.class_weighting == "balanced" else None
+        return F.cross_entropy(logits, targets, weight=weight, label_smoothing=self.hparams.label_smoothing)
+
+    def on_train_start(self) -> None:
+        self.val_best.reset()  # the sanity check's validation must not count as a best score
+
+    def on_train_epoch_start(self) -> None:
+        frozen = self.current_epoch < self.hparams.freeze_backbone_epochs
+        for parameter in self.backbone_parameters():
+            parameter.requires_grad_(not frozen)
+        if frozen:  # frozen BatchNorm statistics too, as in Lightning's BaseFinetuning
+            head = {id(m) for m in self.net.get_classifier().modules()}
+            for module in self.net.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm) and id(module) not in head:
+                    module.eval()
+
+    def training_step(self, batch, batch_idx):
+        images, targets = batch
+        logits = self(images)
+        loss = self._loss(logits, targets)
+        self.train_accuracy(logits, targets)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(targets))
+        self.log("train/accuracy", self.train_accuracy, on_step=False, on_epoch=True, batch_size=len(targets))
+        return loss
+
+    def _evaluate(self, batch, stage: str, metrics: MetricCollection):
+        images, targets = batch
+        logits = self(images)
+        self.log(f"{stage}/loss", self._loss(logits, targets), on_epoch=True, prog_bar=True, batch_size=len(targets))
+        probs = logits.float().softmax(dim=1)
+        metrics.update(probs, targets)
+        return probs, targets
+
+    def validation_step(self, batch, batch_idx):
+        self._evaluate(batch, "val", self.val_metrics)
+
+    def on_validation_epoch_end(self) -> None:
+        values = self.val_metrics.compute()
+        self.val_metrics.reset()
+        self.log_dict({k: v for k, v in values.items() if k != "val/f1_macro"})
+        self.log("val/f1_macro", values["val/f1_macro"], prog_bar=True)
+        self.val_best(values[self.hparams.monitor])
+        self.log(f"{self.hparams.monitor}_best", self.val_best.compute(), prog_bar=True)
+
+    def test_step(self, batch, batch_idx):
+        probs, targets = self._evaluate(batch, "test", self.test_metrics)
+        self._test_probs.append(probs.cpu())
+        self._test_targets.append(targets.cpu())
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict(self.test_metrics.compute())
+        self.test_metrics.reset()
+        self.test_results = {"probs": torch.cat(self._test_probs), "targets": torch.cat(self._test_targets)}
+        self._test_probs, self._test_targets = [], []
+
+    def configure_optimizers(self):
+        if self.optimizer_factory is None:
+            raise ValueError("no optimizer given: compose the config with an optimizer group")
+        factor = self.hparams.backbone_lr_factor
+        params = self.parameters()
+        if factor != 1.0:
+            lr = self.optimizer_factory.keywords["lr"]
+            params = [{"params": self.backbone_parameters(), "lr": lr * factor}, {"params": self.head_parameters()}]
+        optimizer = self.optimizer_factory(params=params)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "val/loss"}}
+
+
+def load_classifier(checkpoint: str | Path, map_location: str = "cpu") -> Classifier:
+    """Rebuild a trained classifier from its checkpoint alone (weights_only: never runs pickled code)."""
+    state = torch.load(checkpoint, map_location=map_location, weights_only=True)
+    hparams = dict(state["hyper_parameters"])
+    net = dict(hparams.pop("net"))
+    net.update({k: v for k, v in (("pretrained", False), ("weights", None)) if k in net})
+    model = Classifier(net=net, **hparams)
+    model.load_state_dict(state["state_dict"])
+    return model.eval()
