@@ -24,11 +24,21 @@ class UltrasoundDataset(Dataset):
     def __init__(self, paths, targets, transform, channels: int = 1, images=None):
         self.paths, self.targets, self.transform = list(paths), list(targets), transform
         self.channels, self.images = channels, images
+        self._transform_seed = None
 
     def __len__(self) -> int:
         return len(self.paths)
 
+    def _seed_transform(self) -> None:
+        """albumentations keeps its own RNG: derive it from torch's per-process seed, which
+        ``seed_everything(workers=True)`` makes reproducible and distinct in each loader worker."""
+        seed = torch.initial_seed() % 2**32
+        if seed != self._transform_seed:
+            self.transform.set_random_seed(seed)
+            self._transform_seed = seed
+
     def __getitem__(self, index: int):
+        self._seed_transform()
         image = self.images[index] if self.images is not None else read_grayscale(self.paths[index])
         tensor = self.transform(image=image)["image"]
         if self.channels == 3:  # an RGB backbone: replicate the grey channel

@@ -116,6 +116,7 @@ def _images_in(folder: Path) -> list[Path]:
 
 
 def read_image_folder(root: Path) -> tuple[pd.DataFrame, list[str]]:
+    """Classes are the first split's folders (train); a later split may lack some, never add one."""
     split_dirs = [root / s for s in SPLITS if (root / s).is_dir()]
     layout = [(d.name, d) for d in split_dirs] if split_dirs else [("all", root)]
     rows, classes, classes_source = [], None, None
@@ -126,10 +127,8 @@ def read_image_folder(root: Path) -> tuple[pd.DataFrame, list[str]]:
         split_classes = [d.name for d in class_dirs]
         if classes is None:
             classes, classes_source = split_classes, split_dir
-        elif split_classes != classes:
-            raise DatasetError(
-                f"{split_dir}: class folders {split_classes} differ from those in {classes_source}: {classes}"
-            )
+        elif unknown := sorted(set(split_classes) - set(classes)):
+            raise DatasetError(f"{split_dir}: class folder(s) {unknown} are not in {classes_source}")
         for class_dir in class_dirs:
             images = _images_in(class_dir)
             if not images:

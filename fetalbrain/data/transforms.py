@@ -27,7 +27,7 @@ class Denoise(A.ImageOnlyTransform):
         if self.method == "median":
             return cv2.medianBlur(img, self.kernel_size)
         if self.method == "bilateral":
-            return cv2.bilateralFilter(img, self.kernel_size, 50, 50)
+            return cv2.bilateralFilter(img, self.kernel_size, 75, 75)
         filtered = wiener(img.astype(np.float64), mysize=self.kernel_size)
         return np.clip(np.nan_to_num(filtered), 0, 255).astype(img.dtype)
 

@@ -1,5 +1,6 @@
 """The one LightningModule for classification: any net, cross-entropy, per-stage metric collections."""
 
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torchmetrics import MaxMetric, Metric, MetricCollection
+from torchmetrics.utilities import dim_zero_cat
 from torchmetrics.classification import (
     MulticlassAccuracy,
     MulticlassAUROC,
@@ -44,6 +46,24 @@ class BalancedAccuracy(Metric):
         return (self.correct[present] / self.support[present]).mean()
 
 
+class MacroAUROC(MulticlassAUROC):
+    """Macro one-vs-rest AUROC over the classes present in the targets.
+
+    torchmetrics' own macro average counts a class absent from the targets as AUROC 0, which
+    drags the mean down whenever a grouped split leaves a rare class out of a part.
+    """
+
+    def __init__(self, num_classes: int):
+        super().__init__(num_classes=num_classes, average="none")
+
+    def compute(self) -> torch.Tensor:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="No positive samples in targets")
+            per_class = super().compute()
+        present = torch.bincount(dim_zero_cat(self.target), minlength=self.num_classes) > 0
+        return per_class[present].mean()
+
+
 def classification_metrics(num_classes: int) -> MetricCollection:
     macro = dict(num_classes=num_classes, average="macro")
     return MetricCollection(
@@ -53,7 +73,7 @@ def classification_metrics(num_classes: int) -> MetricCollection:
             "precision_macro": MulticlassPrecision(**macro),
             "recall_macro": MulticlassRecall(**macro),
             "f1_macro": MulticlassF1Score(**macro),
-            "auroc_macro": MulticlassAUROC(**macro),
+            "auroc_macro": MacroAUROC(num_classes),
         }
     )
 

@@ -1,0 +1,87 @@
+"""Shared fixtures: the embedded dataset, small exports cut from it, and Hydra config composition."""
+
+import os
+
+os.environ.update(
+    HF_HUB_OFFLINE="1", WANDB_MODE="offline", NO_ALBUMENTATIONS_UPDATE="1", GRADIO_ANALYTICS_ENABLED="False",
+    WANDB_SILENT="true",
+)
+
+import shutil  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.core.global_hydra import GlobalHydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import open_dict  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "data" / "fetal-brain-ultrasound"
+CONF = ROOT / "conf"
+
+torch.set_num_threads(2)
+
+# A few batches of 32 px images, one epoch, on the CPU: the whole path, in seconds.
+TINY = [
+    "trainer.max_epochs=1",
+    "trainer.accelerator=cpu",
+    "+trainer.limit_train_batches=2",
+    "+trainer.limit_val_batches=2",
+    "+trainer.limit_test_batches=2",
+    "+trainer.enable_progress_bar=false",
+    "data.image_size=32",
+    "data.batch_size=8",
+    "data.num_workers=0",
+    "logger=none",
+    "callbacks=minimal",
+]
+
+
+def read_split_csv(split: str) -> pd.DataFrame:
+    frame = pd.read_csv(DATA / split / "_classes.csv", skipinitialspace=True)
+    frame.columns = [c.strip() for c in frame.columns]
+    return frame
+
+
+def write_split_csv(frame: pd.DataFrame, path: Path) -> None:
+    """The Roboflow format: a space after each comma, header included."""
+    lines = [", ".join(frame.columns)] + [", ".join(str(v) for v in row) for row in frame.itertuples(index=False)]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def make_export(dst: Path, per_class: int = 2) -> Path:
+    """A small Roboflow export: up to ``per_class`` images of each class in each split."""
+    for split in ("train", "valid", "test"):
+        frame = read_split_csv(split)
+        label = frame.iloc[:, 1:].to_numpy().argmax(axis=1)
+        keep = frame.groupby(label, group_keys=False).head(per_class)
+        (dst / split).mkdir(parents=True)
+        for name in keep["filename"]:
+            shutil.copyfile(DATA / split / name, dst / split / name)
+        write_split_csv(keep, dst / split / "_classes.csv")
+    return dst
+
+
+@pytest.fixture
+def small_export(tmp_path) -> Path:
+    return make_export(tmp_path / "export")
+
+
+@contextmanager
+def train_config(output_dir: Path, overrides: list[str] = ()):
+    """Compose conf/train.yaml as `python -m fetalbrain.train` would, writing into ``output_dir``."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = str(output_dir)
+            cfg.hydra.job.num = 0
+        HydraConfig().set_config(cfg)
+        try:
+            yield cfg
+        finally:
+            GlobalHydra.instance().clear()

@@ -1,0 +1,73 @@
+"""Every option of every config group composes and instantiates; bad configs fail by name."""
+
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
+from lightning.pytorch import Trainer
+from omegaconf import OmegaConf, open_dict
+
+from fetalbrain.models.classifier import Classifier
+from tests.conftest import CONF, train_config
+
+CLASSES = [f"class-{i}" for i in range(4)]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def test_defaults_compose_to_the_documented_choices(tmp_path):
+    with train_config(tmp_path) as cfg:
+        assert cfg.model.name == "efficientnet_lite0"
+        assert cfg.data.splitter == "grouped" and cfg.data.group_level == "case"
+        assert Path(cfg.data.root).is_dir()
+        assert cfg.optimized_metric == "val/f1_macro_best"
+        assert "outputs/runs/" in cfg.hydra.run.dir
+
+
+@pytest.mark.parametrize("model", options("model"))
+def test_every_model_option_builds_a_classifier(tmp_path, model):
+    with train_config(tmp_path, [f"model={model}", "model.net.pretrained=false"] if model not in ("cnn", "separable")
+                      else [f"model={model}"]) as cfg:
+        with open_dict(cfg):
+            cfg.model.net.pop("weights", None)
+        module = instantiate(cfg.model, class_names=CLASSES, optimizer=instantiate(cfg.optimizer),
+                             scheduler=instantiate(cfg.scheduler))
+    assert isinstance(module, Classifier) and module.net.get_classifier().out_features == 4
+
+
+@pytest.mark.parametrize("group", ["optimizer", "scheduler", "trainer", "callbacks", "logger", "data/transforms",
+                                   "data/split", "debug", "experiment", "hparams_search"])
+def test_every_option_of_every_group_composes_and_instantiates(tmp_path, group):
+    for option in options(group):
+        with train_config(tmp_path, [f"{group}={option}", "trainer=cpu" if group != "trainer" else "model=cnn"]) as cfg:
+            OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+            if group == "optimizer":
+                import torch
+
+                instantiate(cfg.optimizer)(params=[torch.nn.Parameter(torch.zeros(1))])
+            elif group == "trainer" and option in ("cpu", "default"):
+                assert isinstance(instantiate(cfg.trainer, logger=False), Trainer)
+            elif group in ("callbacks", "logger"):
+                for entry in (cfg.get(group) or {}).values():
+                    if entry:
+                        instantiate(entry, **({"mode": "disabled"} if "wandb" in entry._target_ else {}))
+
+
+def test_unknown_keys_and_options_are_rejected_by_name(tmp_path):
+    with pytest.raises(ConfigCompositionException, match="data.imagesize"):
+        with train_config(tmp_path, ["data.imagesize=64"]):
+            pass
+    with pytest.raises(ConfigCompositionException, match="Could not find 'model/resnet'"):
+        with train_config(tmp_path, ["model=resnet"]):
+            pass
+
+
+def test_a_bad_value_fails_at_build_time_naming_the_option(tmp_path):
+    from fetalbrain.train import build
+
+    with train_config(tmp_path, ["data.splitter=random", "logger=none"]) as cfg:
+        with pytest.raises(ValueError, match="data.splitter='random'"):
+            build(cfg)

@@ -1,0 +1,76 @@
+"""Networks: shapes, the plain/separable pairing, and pretrained weights offline."""
+
+import time
+
+import pytest
+import torch
+
+from fetalbrain.models.backbones import (
+    PretrainedWeightsUnavailable,
+    create_backbone,
+    read_state_dict,
+    resolve_weights_path,
+)
+from fetalbrain.models.cnn import SmallCNN
+
+
+def test_plain_and_separable_cnn_differ_only_in_the_convolution():
+    plain, separable = SmallCNN(16, conv="standard"), SmallCNN(16, conv="separable")
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(separable) * 5 < count(plain)
+    assert [type(m) for m in plain.modules() if not isinstance(m, torch.nn.Conv2d)][:1] == [SmallCNN]
+    assert len(plain.features) == len(separable.features)
+    assert plain.classifier.in_features == separable.classifier.in_features == 256
+    for net in (plain, separable):
+        assert net(torch.randn(2, 1, 64, 64)).shape == (2, 16)
+    with pytest.raises(ValueError, match="model.net.conv='dilated'"):
+        SmallCNN(4, conv="dilated")
+
+
+@pytest.mark.parametrize(
+    ("name", "in_chans", "size"),
+    [("legacy_xception", 1, 64), ("efficientnet_b0", 3, 32), ("tf_efficientnet_lite0", 1, 32), ("resnet18", 1, 32)],
+)
+def test_timm_backbones_output_one_logit_per_class(name, in_chans, size):
+    net = create_backbone(name, num_classes=16, in_chans=in_chans, pretrained=False).eval()
+    assert net(torch.randn(2, in_chans, size, size)).shape == (2, 16)
+    assert net.get_classifier().out_features == 16 and net.pretrained_source == "none"
+
+
+def test_packaged_imagenet_weights_load_offline_into_timm():
+    net = create_backbone("tf_efficientnet_lite0", 16, in_chans=1, weights="packaged:efficientnet-lite0")
+    source = list(read_state_dict(resolve_weights_path("packaged:efficientnet-lite0")).values())
+    names = list(net.state_dict().keys())
+    # The first conv is adapted to one grey channel by summing the RGB filters (timm's rule).
+    assert torch.allclose(net.conv_stem.weight, source[0].sum(dim=1, keepdim=True))
+    assert torch.equal(net.state_dict()["blocks.1.0.conv_pw.weight"], source[names.index("blocks.1.0.conv_pw.weight")])
+    assert net.pretrained_source.startswith("file:")
+
+
+def test_pretrained_offline_fails_fast_with_instructions():
+    started = time.perf_counter()
+    with pytest.raises(PretrainedWeightsUnavailable, match=r"model.net.weights=.*model=efficientnet_lite0"):
+        create_backbone("legacy_xception", 16, pretrained=True)
+    assert time.perf_counter() - started < 2.0
+    fallback = create_backbone("resnet18", 16, pretrained="auto")
+    assert fallback.pretrained_source == "none (unavailable)"
+
+
+def test_weights_file_errors_name_the_file(tmp_path):
+    other = tmp_path / "resnet.pth"
+    torch.save(create_backbone("resnet18", 10, pretrained=False).state_dict(), other)
+    with pytest.raises(ValueError, match="resnet.pth: its tensors do not match timm model tf_efficientnet_lite0"):
+        create_backbone("tf_efficientnet_lite0", 16, weights=str(other))
+    with pytest.raises(FileNotFoundError, match="model.net.weights=.*missing.pth: no such file"):
+        create_backbone("resnet18", 16, weights=str(tmp_path / "missing.pth"))
+    with pytest.raises(ValueError, match="model.net.name='resnet_9000' is not a timm model"):
+        create_backbone("resnet_9000", 16)
+
+
+def test_timm_format_weights_file_round_trips(tmp_path):
+    trained = create_backbone("resnet18", 1000, in_chans=3, pretrained=False)
+    path = tmp_path / "resnet18.pth"
+    torch.save(trained.state_dict(), path)
+    net = create_backbone("resnet18", 5, in_chans=3, weights=str(path))
+    assert torch.equal(net.layer4[1].conv2.weight, trained.layer4[1].conv2.weight)
+    assert net.fc.out_features == 5

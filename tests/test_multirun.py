@@ -1,0 +1,31 @@
+"""A 2x2 Hydra multirun from the command line: 4 run directories and 4 separate W&B offline runs."""
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.conftest import ROOT, TINY
+
+
+def test_two_by_two_multirun_writes_four_runs(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    command = [
+        sys.executable, "-m", "fetalbrain.train", "-m", "model=cnn,separable", "optimizer.lr=0.001,0.0003",
+        *[o for o in TINY if not o.startswith("logger=")], "logger=wandb", f"hydra.sweep.dir={sweep_dir}",
+    ]
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit())
+    assert [j.name for j in jobs] == ["0", "1", "2", "3"]
+    seen = set()
+    for job in jobs:
+        summary = json.loads((job / "metrics.json").read_text())
+        overrides = (job / ".hydra" / "overrides.yaml").read_text()
+        seen.add((summary["run"]["model"], "0.0003" in overrides))
+        assert "test/f1_macro" in summary["metrics"]
+        assert len(list((job / "wandb").glob("offline-run-*"))) == 1
+    assert seen == {("cnn", False), ("cnn", True), ("separable", False), ("separable", True)}
+    run_ids = {next((job / "wandb").glob("offline-run-*")).name.rsplit("-", 1)[-1] for job in jobs}
+    assert len(run_ids) == 4  # each job is its own W&B run

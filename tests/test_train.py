@@ -1,0 +1,82 @@
+"""End to end: `train(cfg)` for every model family on the embedded data, checkpoints, resume."""
+
+import json
+
+import pytest
+import torch
+
+from fetalbrain.models.classifier import load_classifier
+from fetalbrain.train import train
+from tests.conftest import TINY, train_config
+
+REPORT_FILES = ("metrics.json", "per_class.csv", "confusion_matrix.png", "predictions.csv")
+
+
+def run(tmp_path, *overrides):
+    with train_config(tmp_path, [*TINY, *overrides]) as cfg:
+        summary, objects = train(cfg)
+    return summary, objects
+
+
+@pytest.mark.parametrize("model", ["cnn", "separable", "xception", "efficientnet_b0", "efficientnet_lite0", "timm"])
+def test_each_model_family_trains_and_tests(tmp_path, model):
+    summary, _ = run(tmp_path, f"model={model}")
+    for name in REPORT_FILES:
+        assert (tmp_path / name).is_file(), name
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    for key in ("test/accuracy", "test/balanced_accuracy", "test/f1_macro", "test/auroc_macro", "test/precision_macro",
+                "test/recall_macro", "val/f1_macro_best"):
+        assert 0.0 <= written["metrics"][key] <= 1.0, key
+    assert written["run"]["model"] == model and written["run"]["image_size"] == 32
+    assert written["data"]["split"]["splitter"] == "grouped"
+    if model == "efficientnet_lite0":
+        assert written["run"]["pretrained_source"].startswith("file:")
+    assert list(tmp_path.glob("checkpoints/*.ckpt"))
+
+
+def test_checkpoint_loads_weights_only_and_predicts_the_same(tmp_path):
+    _, objects = run(tmp_path, "model=cnn")
+    best = objects["trainer"].checkpoint_callback.best_model_path
+    state = torch.load(best, map_location="cpu", weights_only=True)  # no pickled code needed
+    assert state["hyper_parameters"]["class_names"][12] == "normal"
+    assert state["hyper_parameters"]["preprocessing"]["image_size"] == 32
+    restored = load_classifier(best)
+    batch = next(iter(objects["datamodule"].test_dataloader()))[0]
+    trained = objects["model"].cpu().eval()
+    trained.load_state_dict(state["state_dict"])
+    with torch.no_grad():
+        assert torch.allclose(restored(batch), trained(batch), atol=1e-6)
+
+
+def test_resume_continues_from_the_last_checkpoint(tmp_path):
+    run(tmp_path / "first", "model=separable")
+    last = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    summary, objects = run(tmp_path / "second", "model=separable", "trainer.max_epochs=2", f"ckpt_path={last}")
+    assert objects["trainer"].current_epoch == 2
+    assert torch.load(last, weights_only=True)["epoch"] == 0
+
+
+def test_same_seed_same_result_on_cpu(tmp_path):
+    first, _ = run(tmp_path / "a", "model=cnn", "seed=5")
+    second, _ = run(tmp_path / "b", "model=cnn", "seed=5")
+    keys = [k for k in first["metrics"] if k.startswith(("test/", "val/"))]
+    assert {k: first["metrics"][k] for k in keys} == {k: second["metrics"][k] for k in keys}
+
+
+def test_imbalance_and_finetuning_options(tmp_path):
+    summary, objects = run(
+        tmp_path, "model=efficientnet_lite0", "model.class_weighting=balanced", "data.sampler=weighted",
+        "model.label_smoothing=0.1", "model.freeze_backbone_epochs=1", "scheduler=plateau", "optimizer=sgd",
+    )
+    model = objects["model"]
+    weights = model.class_weights
+    counts = objects["datamodule"].train_class_counts()
+    assert weights[counts.argmax()] < 1 < weights[counts[counts > 0].argmin()]
+    assert not any(p.requires_grad for p in model.backbone_parameters())  # still in the frozen epoch
+    assert all(p.requires_grad for p in model.head_parameters())
+
+
+def test_official_split_and_wandb_offline_run(tmp_path):
+    summary, _ = run(tmp_path, "model=cnn", "data/split=official", "logger=wandb")
+    assert summary["data"]["split"]["leaked"]["test"]["shared_source"] == 171
+    assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 1
