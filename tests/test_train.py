@@ -76,6 +76,12 @@ def test_imbalance_and_finetuning_options(tmp_path):
     assert all(p.requires_grad for p in model.head_parameters())
 
 
+def test_a_backbone_without_pretrained_weights_is_never_frozen(tmp_path):
+    _, objects = run(tmp_path, "model=timm", "model.net.pretrained=auto", "model.freeze_backbone_epochs=1")
+    assert objects["model"].net.pretrained_source == "none (unavailable)"
+    assert all(p.requires_grad for p in objects["model"].backbone_parameters())
+
+
 def test_official_split_and_wandb_offline_run(tmp_path):
     summary, _ = run(tmp_path, "model=cnn", "data/split=official", "logger=wandb")
     assert summary["data"]["split"]["leaked"]["test"]["shared_source"] == 171

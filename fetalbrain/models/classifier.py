@@ -157,8 +157,13 @@ class Classifier(L.LightningModule):
     def on_train_start(self) -> None:
         self.val_best.reset()  # the sanity check's validation must not count as a best score
 
+    @property
+    def backbone_is_pretrained(self) -> bool:
+        return getattr(self.net, "pretrained_source", "none").startswith(("file:", "hub"))
+
     def on_train_epoch_start(self) -> None:
-        frozen = self.current_epoch < self.hparams.freeze_backbone_epochs
+        # Freezing only makes sense for learned features: a randomly initialised backbone trains.
+        frozen = self.backbone_is_pretrained and self.current_epoch < self.hparams.freeze_backbone_epochs
         for parameter in self.backbone_parameters():
             parameter.requires_grad_(not frozen)
         if frozen:  # frozen BatchNorm statistics too, as in Lightning's BaseFinetuning
