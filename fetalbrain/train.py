@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from fetalbrain.evaluation.report import write_json, write_test_report
+from fetalbrain.evaluation.report import Predictions, write_json, write_test_report
 
 log = logging.getLogger(__name__)
 
@@ -67,15 +67,23 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
     metrics = {**fit_metrics, **{k: float(v) for k, v in trainer.callback_metrics.items()}}
 
-    probs = model.test_results["probs"].numpy()
-    targets = model.test_results["targets"].numpy()
     # The test loader is not shuffled: predictions follow the table (a limit_test_batches run
-    # predicts only its first rows).
-    test_paths = list(datamodule.part_table("test")["path"])[: len(probs)]
-    report_files = write_test_report(
-        output_dir, probs, targets, datamodule.class_names, test_paths,
+    # predicts only its first rows). Validation predictions (best weights) choose thresholds.
+    test = Predictions(model.test_results["probs"].numpy(), model.test_results["targets"].numpy())
+    test.paths = list(datamodule.part_table("test")["path"])[: len(test.targets)]
+    val = Predictions(*(t.numpy() for t in model.predict_proba(datamodule.val_dataloader())))
+    options = cfg.evaluation
+    report_metrics, notes = write_test_report(
+        output_dir, val, test, datamodule.class_names,
         title=f"{cfg.model.get('name', '')} test, split {cfg.data.splitter}",
+        calibration_bins=options.calibration_bins, temperature_scaling=options.temperature_scaling,
+        min_sensitivity=options.screening_min_sensitivity,
+        shortcut_data=(datamodule.part_images("train"), datamodule.part_images("test"))
+        if options.shortcut_check else None,
     )
+    metrics.update(report_metrics)
+    for note in notes:
+        log.warning("Report: %s", note)
     summary = {
         "metrics": dict(sorted(metrics.items())),
         "run": {
@@ -94,11 +102,15 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         },
         "data": datamodule.data_summary(),
         "classes": datamodule.class_names,
+        "notes": notes,
     }
     write_json(output_dir / "metrics.json", summary)
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):  # once, at test end
-            logger.log_image(key="test/confusion_matrix", images=[str(report_files["confusion_matrix"])])
+            logger.log_metrics(report_metrics)
+            for figure in ("confusion_matrix", "roc", "screening_roc", "reliability"):
+                if (output_dir / f"{figure}.png").is_file():
+                    logger.log_image(key=f"test/{figure}", images=[str(output_dir / f"{figure}.png")])
     log.info("Test: %s", {k: round(v, 4) for k, v in metrics.items() if k.startswith("test/")})
     log.info("Run directory: %s", output_dir)
     return summary, {"datamodule": datamodule, "model": model, "trainer": trainer}

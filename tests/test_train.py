@@ -9,7 +9,12 @@ from fetalbrain.models.classifier import load_classifier
 from fetalbrain.train import train
 from tests.conftest import TINY, train_config
 
-REPORT_FILES = ("metrics.json", "per_class.csv", "confusion_matrix.png", "predictions.csv")
+REPORT_FILES = ("metrics.json", "per_class.csv", "confusion_matrix.png", "predictions.csv", "roc.png",
+                "screening_roc.png", "reliability.png")
+REPORT_METRICS = ("test/ece", "test/ece_temperature_scaled", "calibration/temperature", "screening/test_auroc",
+                  "screening/youden/threshold", "screening/youden/test_sensitivity",
+                  "screening/sensitivity_0.95/test_specificity", "shortcut/image_stats_test_auroc",
+                  "shortcut/border_only_test_auroc")
 
 
 def run(tmp_path, *overrides):
@@ -27,6 +32,8 @@ def test_each_model_family_trains_and_tests(tmp_path, model):
     for key in ("test/accuracy", "test/balanced_accuracy", "test/f1_macro", "test/auroc_macro", "test/precision_macro",
                 "test/recall_macro", "val/f1_macro_best"):
         assert 0.0 <= written["metrics"][key] <= 1.0, key
+    for key in REPORT_METRICS:
+        assert key in written["metrics"], key
     assert written["run"]["model"] == model and written["run"]["image_size"] == 32
     assert written["data"]["split"]["splitter"] == "grouped"
     if model == "efficientnet_lite0":

@@ -10,6 +10,7 @@ import torch
 from hydra.utils import instantiate
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
+from fetalbrain.data.duplicates import duplicate_groups
 from fetalbrain.data.images import ImageReadError, read_grayscale
 from fetalbrain.data.readers import DatasetError, read_dataset
 from fetalbrain.data.splits import assign_parts
@@ -53,6 +54,7 @@ class FetalBrainDataModule(L.LightningDataModule):
         format: str = "auto",
         splitter: str = "grouped",
         group_level: str = "case",
+        near_duplicate_threshold: int | None = 6,
         num_folds: int = 5,
         fold: int = 0,
         val_num_folds: int = 5,
@@ -72,6 +74,8 @@ class FetalBrainDataModule(L.LightningDataModule):
         sampler: str = "none",
     ):
         super().__init__()
+        if group_level not in ("source", "case"):
+            raise ValueError(f"data.group_level={group_level!r}: choose source or case")
         if channels not in (1, 3):
             raise ValueError(f"data.channels={channels}: must be 1 or 3")
         if on_bad_image not in ("error", "skip"):
@@ -80,7 +84,7 @@ class FetalBrainDataModule(L.LightningDataModule):
             raise ValueError(f"data.sampler={sampler!r}: choose none or weighted")
         self.save_hyperparameters(ignore=["transforms"])
         self.augment_cfg = (transforms or {}).get("augment") or []
-        self.table = None  # set by setup(): path, label, split, source, case, part, target
+        self.table = None  # set by setup(): path, label, split, source, case, group, part, target
         self.skipped: list[dict] = []
 
     # ---- set-up ---------------------------------------------------------------------------------
@@ -93,9 +97,10 @@ class FetalBrainDataModule(L.LightningDataModule):
         keep = [i for i, image in enumerate(images) if image is not None]
         table = table.iloc[keep].reset_index(drop=True)
         images = [images[i] for i in keep]
+        table["group"] = duplicate_groups(table, images, hp.group_level, hp.near_duplicate_threshold)
         table, self.split_report = assign_parts(
-            table, hp.splitter, group_level=hp.group_level, num_folds=hp.num_folds, fold=hp.fold,
-            val_num_folds=hp.val_num_folds, seed=hp.split_seed,
+            table, hp.splitter, num_folds=hp.num_folds, fold=hp.fold, val_num_folds=hp.val_num_folds,
+            seed=hp.split_seed,
         )
         table["target"] = table["label"].map({name: i for i, name in enumerate(self.class_names)})
         self.table = table
@@ -145,6 +150,12 @@ class FetalBrainDataModule(L.LightningDataModule):
 
     def part_table(self, part: str):
         return self.table[self.table["part"] == part].reset_index(drop=True)
+
+    def part_images(self, part: str) -> tuple[list[np.ndarray], np.ndarray]:
+        """The decoded (unaugmented) images of a part and their targets."""
+        dataset = self.datasets[part]
+        images = dataset.images if dataset.images is not None else [read_grayscale(p) for p in dataset.paths]
+        return images, np.asarray(dataset.targets)
 
     def preprocessing_config(self) -> dict:
         """Everything inference needs to reproduce training's input pipeline."""

@@ -3,8 +3,9 @@
 * ``official``: the export's own split (valid → val). It leaks on this dataset: the leakage is
   counted and logged every time it is used.
 * ``grouped``: stratified group K-fold over *all* images (scikit-learn's ``StratifiedGroupKFold``);
-  fold ``k`` is the test part, and validation is carved out of the rest by group as well. No group
-  (source image or case) is ever in two parts. Deterministic for a seed.
+  fold ``k`` is the test part, and validation is carved out of the rest by group as well. The
+  ``group`` column (source image or case, merged with exact and near duplicates, see
+  ``fetalbrain.data.duplicates``) is never in two parts. Deterministic for a seed.
 """
 
 import logging
@@ -17,7 +18,6 @@ from sklearn.model_selection import StratifiedGroupKFold
 log = logging.getLogger(__name__)
 
 PARTS = ("train", "val", "test")
-GROUP_LEVELS = ("source", "case")
 
 
 @dataclass
@@ -31,16 +31,14 @@ class SplitReport:
 
 
 def leakage(table: pd.DataFrame, part_column: str = "part") -> dict[str, dict[str, int]]:
-    """For val and test: how many images share a source or case with a training image."""
+    """For val and test: how many images share a source, case or duplicate group with training."""
     train = table[table[part_column] == "train"]
+    levels = [c for c in ("source", "case", "group") if c in table]
     counts = {}
     for part in ("val", "test"):
         rows = table[table[part_column] == part]
-        counts[part] = {
-            "images": int(len(rows)),
-            "shared_source": int(rows["source"].isin(set(train["source"])).sum()),
-            "shared_case": int(rows["case"].isin(set(train["case"])).sum()),
-        }
+        counts[part] = {"images": int(len(rows))}
+        counts[part].update({f"shared_{c}": int(rows[c].isin(set(train[c])).sum()) for c in levels})
     return counts
 
 
@@ -68,16 +66,14 @@ def _group_fold(labels, groups, num_folds: int, fold: int, seed: int) -> np.ndar
     raise AssertionError("unreachable")
 
 
-def grouped_split(
-    table: pd.DataFrame, group_level: str, num_folds: int, fold: int, val_num_folds: int, seed: int
-) -> pd.Series:
-    if group_level not in GROUP_LEVELS:
-        raise ValueError(f"data.group_level={group_level!r}: choose one of {', '.join(GROUP_LEVELS)}")
+def grouped_split(table: pd.DataFrame, num_folds: int, fold: int, val_num_folds: int, seed: int) -> pd.Series:
+    if "group" not in table:
+        raise ValueError("a grouped split needs the table's 'group' column (see fetalbrain.data.duplicates)")
     if not 0 <= fold < num_folds:
         raise ValueError(f"data.fold={fold} must be in [0, data.num_folds={num_folds})")
     if val_num_folds < 2:
         raise ValueError(f"data.val_num_folds={val_num_folds} must be at least 2")
-    labels, groups = table["label"].to_numpy(), table[group_level].to_numpy()
+    labels, groups = table["label"].to_numpy(), table["group"].to_numpy()
     test = _group_fold(labels, groups, num_folds, fold, seed)
     rest = np.flatnonzero(~test)
     val_in_rest = _group_fold(labels[rest], groups[rest], val_num_folds, 0, seed)

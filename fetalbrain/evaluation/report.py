@@ -1,84 +1,114 @@
-"""The test report every run writes into its directory: per-class table, confusion matrix, predictions."""
+"""The test report every run writes into its directory, and the metrics it adds to metrics.json.
+
+Files: per_class.csv, confusion_matrix.png, roc.png, screening_roc.png, reliability.png,
+predictions.csv. Metrics (stable names): ``test/ece``, ``test/nll``, ``calibration/temperature``,
+``test/ece_temperature_scaled``, ``test/nll_temperature_scaled``, ``screening/...`` and
+``shortcut/...`` (see their modules).
+"""
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, roc_auc_score
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from sklearn.metrics import confusion_matrix, precision_recall_fscore_support  # noqa: E402
+from fetalbrain.data.classes import NORMAL_CLASS, display_name
+from fetalbrain.evaluation import calibration, plots
+from fetalbrain.evaluation.screening import abnormal_scores, both_classes, screening_metrics
+from fetalbrain.evaluation.shortcut import shortcut_metrics
 
-from fetalbrain.data.classes import display_name  # noqa: E402
+
+@dataclass
+class Predictions:
+    """Class probabilities of one part, with the true targets and (for test) the image paths."""
+
+    probs: np.ndarray
+    targets: np.ndarray
+    paths: list[str] | None = None
 
 
 def per_class_table(probs: np.ndarray, targets: np.ndarray, class_names: list[str]) -> pd.DataFrame:
     predicted = probs.argmax(axis=1)
-    labels = list(range(len(class_names)))
     precision, recall, f1, support = precision_recall_fscore_support(
-        targets, predicted, labels=labels, zero_division=0
+        targets, predicted, labels=list(range(len(class_names))), zero_division=0
     )
+    auroc = [
+        roc_auc_score(targets == i, probs[:, i]) if 0 < (targets == i).sum() < len(targets) else np.nan
+        for i in range(len(class_names))
+    ]
     return pd.DataFrame(
-        {
-            "class": class_names,
-            "name": [display_name(c) for c in class_names],
-            "precision": precision,
-            "recall": recall,
-            "f1": f1,
-            "support": support,
-            "predicted": np.bincount(predicted, minlength=len(class_names)),
-        }
+        {"class": class_names, "name": [display_name(c) for c in class_names], "precision": precision,
+         "recall": recall, "f1": f1, "auroc": auroc, "support": support,
+         "predicted": np.bincount(predicted, minlength=len(class_names))}
     )
 
 
-def plot_confusion_matrix(matrix: np.ndarray, class_names: list[str], path: Path, title: str) -> None:
-    """Counts in each cell, colour by row-normalised recall so rare classes are visible."""
-    rows = matrix.sum(axis=1, keepdims=True)
-    normalised = np.divide(matrix, rows, out=np.zeros_like(matrix, dtype=float), where=rows > 0)
-    names = [display_name(c) for c in class_names]
-    size = 0.45 * len(names) + 3
-    fig, ax = plt.subplots(figsize=(size + 1.5, size))
-    image = ax.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(len(names)), names, fontsize=8)
-    for i, j in zip(*np.nonzero(matrix)):
-        ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=7,
-                color="white" if normalised[i, j] > 0.5 else "black")
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    fig.colorbar(image, ax=ax, fraction=0.046, label="fraction of true class")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def predictions_table(test: Predictions, class_names: list[str]) -> pd.DataFrame:
+    frame = pd.DataFrame(
+        {"path": test.paths, "true": [class_names[t] for t in test.targets],
+         "predicted": [class_names[p] for p in test.probs.argmax(axis=1)], "confidence": test.probs.max(axis=1)}
+    )
+    return pd.concat([frame, pd.DataFrame(test.probs, columns=[f"p_{c}" for c in class_names])], axis=1)
+
+
+def calibration_report(val: Predictions, test: Predictions, n_bins: int, temperature_scaling: bool, out_dir: Path):
+    metrics = {
+        "test/ece": calibration.expected_calibration_error(test.probs, test.targets, n_bins),
+        "test/nll": calibration.negative_log_likelihood(test.probs, test.targets),
+    }
+    bins_after, ece_after = None, float("nan")
+    if temperature_scaling and len(val.targets):
+        temperature = calibration.fit_temperature(val.probs, val.targets)
+        scaled = calibration.apply_temperature(test.probs, temperature)
+        ece_after = calibration.expected_calibration_error(scaled, test.targets, n_bins)
+        bins_after = calibration.reliability_bins(scaled, test.targets, n_bins)
+        metrics.update({
+            "calibration/temperature": temperature,
+            "test/ece_temperature_scaled": ece_after,
+            "test/nll_temperature_scaled": calibration.negative_log_likelihood(scaled, test.targets),
+        })
+    plots.reliability_figure(calibration.reliability_bins(test.probs, test.targets, n_bins), bins_after,
+                             (metrics["test/ece"], ece_after), out_dir / "reliability.png")
+    return metrics
 
 
 def write_test_report(
-    out_dir: Path, probs: np.ndarray, targets: np.ndarray, class_names: list[str], paths: list[str], title: str
-) -> dict[str, Path]:
-    """Write per_class.csv, confusion_matrix.png and predictions.csv; return their paths."""
+    out_dir: Path, val: Predictions, test: Predictions, class_names: list[str], title: str,
+    calibration_bins: int = 15, temperature_scaling: bool = True, min_sensitivity: float = 0.95,
+    shortcut_data: tuple | None = None,
+) -> tuple[dict[str, float], list[str]]:
+    """Write every file of the report; return the extra metrics and notes on what was not computable."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = {
-        "per_class": out_dir / "per_class.csv",
-        "confusion_matrix": out_dir / "confusion_matrix.png",
-        "predictions": out_dir / "predictions.csv",
-    }
-    per_class_table(probs, targets, class_names).to_csv(files["per_class"], index=False)
-    matrix = confusion_matrix(targets, probs.argmax(axis=1), labels=list(range(len(class_names))))
-    plot_confusion_matrix(matrix, class_names, files["confusion_matrix"], title)
-    predictions = pd.DataFrame(
-        {
-            "path": paths,
-            "true": [class_names[t] for t in targets],
-            "predicted": [class_names[p] for p in probs.argmax(axis=1)],
-            "confidence": probs.max(axis=1),
-        }
-    )
-    predictions = pd.concat([predictions, pd.DataFrame(probs, columns=[f"p_{c}" for c in class_names])], axis=1)
-    predictions.to_csv(files["predictions"], index=False)
-    return files
+    notes: list[str] = []
+    per_class_table(test.probs, test.targets, class_names).to_csv(out_dir / "per_class.csv", index=False)
+    predictions_table(test, class_names).to_csv(out_dir / "predictions.csv", index=False)
+    matrix = confusion_matrix(test.targets, test.probs.argmax(axis=1), labels=list(range(len(class_names))))
+    plots.confusion_matrix_figure(matrix, class_names, out_dir / "confusion_matrix.png", title)
+    plots.roc_figure(test.probs, test.targets, class_names, out_dir / "roc.png")
+    absent = [display_name(c) for i, c in enumerate(class_names) if not (test.targets == i).any()]
+    if absent:
+        notes.append(f"classes absent from the test part: {', '.join(absent)}")
+    metrics = calibration_report(val, test, calibration_bins, temperature_scaling, out_dir)
+    if NORMAL_CLASS in class_names:
+        normal = class_names.index(NORMAL_CLASS)
+        screening, screening_notes = screening_metrics(
+            (val.probs, val.targets), (test.probs, test.targets), normal, min_sensitivity
+        )
+        metrics.update(screening)
+        notes += screening_notes
+        is_abnormal, score = abnormal_scores(test.probs, test.targets, normal)
+        if both_classes(is_abnormal):
+            points = {k.split("/")[1]: v for k, v in screening.items() if k.endswith("/threshold")}
+            plots.screening_figure(is_abnormal, score, points, out_dir / "screening_roc.png")
+        if shortcut_data is not None:
+            shortcut, shortcut_notes = shortcut_metrics(*shortcut_data, normal)
+            metrics.update(shortcut)
+            notes += shortcut_notes
+    else:
+        notes.append(f"no '{NORMAL_CLASS}' class: no screening or shortcut check")
+    return metrics, notes
 
 
 def write_json(path: Path, payload: dict) -> None:

@@ -211,6 +211,16 @@ class Classifier(L.LightningModule):
         self.test_results = {"probs": torch.cat(self._test_probs), "targets": torch.cat(self._test_targets)}
         self._test_probs, self._test_targets = [], []
 
+    @torch.no_grad()
+    def predict_proba(self, loader) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class probabilities and targets for every batch of ``loader``, in eval mode."""
+        self.eval()
+        probs, targets = [], []
+        for images, target in loader:
+            probs.append(self(images.to(self.device)).float().softmax(dim=1).cpu())
+            targets.append(torch.as_tensor(target))
+        return torch.cat(probs), torch.cat(targets)
+
     def configure_optimizers(self):
         if self.optimizer_factory is None:
             raise ValueError("no optimizer given: compose the config with an optimizer group")
