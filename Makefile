@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 TEST_ENV := HF_HUB_OFFLINE=1 WANDB_MODE=offline NO_ALBUMENTATIONS_UPDATE=1 GRADIO_ANALYTICS_ENABLED=False
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-all sweep lint clean
+.PHONY: help install train test test-all sweep audit compare lint clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-10s %s\n", $$1, $$2}'
@@ -26,6 +26,12 @@ test-all: ## every test, the slow ones too
 
 sweep: ## example multirun: 2 models x 2 learning rates, 3 epochs each
 	$(PY) -m fetalbrain.train -m model=cnn,separable optimizer.lr=0.001,0.0003 trainer.max_epochs=3 $(ARGS)
+
+audit: ## leakage and duplicate audit of the embedded dataset (report in outputs/audit/)
+	$(PY) -m fetalbrain.audit $(ARGS)
+
+compare: ## compare runs: make compare RUNS=outputs/multirun/<date>/<time>
+	$(PY) -m fetalbrain.compare $(or $(RUNS),outputs) $(ARGS)
 
 lint: ## ruff
 	$(PY) -m ruff check fetalbrain tests

@@ -1,0 +1,65 @@
+"""The audit finds the dataset's leakage; a 2-model x 3-fold multirun compares into tables and plots."""
+
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from fetalbrain.audit import audit
+from fetalbrain.audit import main as audit_main
+from fetalbrain.compare import compare
+from tests.conftest import DATA, ROOT, TINY
+
+
+def test_audit_finds_the_leakage_and_the_duplicates(tmp_path, capsys):
+    audit_main([str(DATA), "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert "LEAKAGE test: 171 of 176 images share a source image with train" in printed
+    leakage = pd.read_csv(tmp_path / "leakage.csv").set_index("split")
+    assert leakage.loc["test", "shared_source"] >= 160 and leakage.loc["valid", "shared_case"] == 174
+    for name in ("report.md", "audit.png", "class_counts.csv", "exact_duplicates.csv", "near_duplicates.csv",
+                 "label_conflicts.csv", "groups.csv", "thresholds.csv"):
+        assert (tmp_path / name).is_file(), name
+    conflicts = pd.read_csv(tmp_path / "label_conflicts.csv")
+    assert {"cerebellah-hypoplasia", "moderate-ventriculomegaly"} <= set(conflicts["label_a"]) | set(conflicts["label_b"])
+    report = (tmp_path / "report.md").read_text()
+    assert "cerebellah-hypoplasia:20 + moderate-ventriculomegaly:20" in report
+    assert "Arnold-Chiari malformation" in report  # readable class names
+
+
+def test_audit_lists_unreadable_images_and_goes_on(tmp_path, small_export):
+    victim = sorted((small_export / "test").glob("*.jpg"))[0]
+    victim.write_bytes(b"not a jpeg")
+    summary = audit(small_export, tmp_path / "out")
+    assert len(summary["unreadable"]) == 1 and victim.name in summary["unreadable"][0]
+    assert summary["images"] == len(list(small_export.glob("*/*.jpg"))) - 1
+
+
+def test_two_models_three_folds_then_compare(tmp_path):
+    sweep = tmp_path / "sweep"
+    command = [sys.executable, "-m", "fetalbrain.train", "-m", "model=cnn,separable", "data.fold=0,1,2",
+               "data.num_folds=3", *TINY, f"hydra.sweep.dir={sweep}"]
+    result = subprocess.run(command, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "comparison"
+    table = compare([sweep], out, wandb_mode="offline")
+    summary = pd.read_csv(out / "comparison.csv")
+    assert set(summary["group"]) == {"cnn · grouped", "separable · grouped"}
+    f1 = summary[summary["metric"] == "test/f1_macro"].set_index("group")
+    assert (f1["n"] == 3).all() and (f1["ci95_low"] <= f1["mean"]).all() and (f1["mean"] <= f1["ci95_high"]).all()
+    runs = pd.read_csv(out / "runs.csv")
+    assert sorted(runs["fold"]) == [0, 0, 1, 1, 2, 2]
+    pooled = pd.read_csv(out / "pooled_out_of_fold.csv").set_index("group")
+    assert (pooled["pooled_images"] == 3 * 16).all()  # 3 folds x 2 test batches of 8
+    for name in ("comparison.md", "comparison.png", "per_class_recall.csv", "confusion_cnn_grouped.png"):
+        assert (out / name).is_file(), name
+    assert "cnn · grouped | 3 |" in table
+    assert list((out / "wandb").glob("offline-run-*"))
+
+
+def test_compare_without_runs_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no run directories"):
+        compare([tmp_path], tmp_path / "out")
