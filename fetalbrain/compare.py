@@ -11,6 +11,7 @@ recall, and the confusion matrix of the pooled out-of-fold predictions. Outputs:
 import argparse
 import json
 import logging
+import os
 import re
 import warnings
 from pathlib import Path
@@ -40,7 +41,7 @@ METRICS = {
     "screening/test_auroc": "screening AUROC",
     "test/ece": "ECE",
 }
-NOT_A_SETTING = re.compile(r"^(data\.fold|seed|hydra\.|ckpt_path|model|data/split|data\.splitter|logger)\b")
+NOT_A_SETTING = re.compile(r"^(data\.fold|seed|hydra\.|ckpt_path|model|data/split|data\.splitter|data\.num_workers|logger)\b")
 
 
 def find_runs(directories: list[Path]) -> list[Path]:
@@ -147,7 +148,7 @@ def markdown_table(summary: pd.DataFrame, pooled: pd.DataFrame) -> str:
 def comparison_figure(summary: pd.DataFrame, path: Path) -> None:
     shown = ["test/balanced_accuracy", "test/f1_macro", "test/auroc_macro"]
     groups = sorted(summary["group"].unique())
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(groups) * len(shown) / 2), 4.5))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(groups) + 2), 4.5))
     width = 0.8 / len(shown)
     for k, metric in enumerate(shown):
         rows = summary[summary["metric"] == metric].set_index("group").loc[groups]
@@ -183,7 +184,9 @@ def compare(directories: list[Path], out: Path, wandb_mode: str | None = None, p
     summary.to_csv(out / "comparison.csv", index=False)
     pooled.to_csv(out / "pooled_out_of_fold.csv", index=False)
     per_class_recall(runs).to_csv(out / "per_class_recall.csv")
-    runs.drop(columns=["overrides"]).to_csv(out / "runs.csv", index=False)
+    base = Path(os.path.commonpath(runs["run"].tolist()))
+    listing = runs.drop(columns=["overrides"]).assign(run=[str(Path(r).relative_to(base)) for r in runs["run"]])
+    listing.to_csv(out / "runs.csv", index=False)  # paths relative to the runs' common folder
     table = markdown_table(summary, pooled)
     (out / "comparison.md").write_text(
         f"# Comparison of {len(runs)} runs\n\nmean ± std [95% t-interval] over runs; "

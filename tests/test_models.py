@@ -56,6 +56,18 @@ def test_pretrained_offline_fails_fast_with_instructions():
     assert fallback.pretrained_source == "none (unavailable)"
 
 
+def test_url_hosted_weights_are_never_fetched_offline_but_used_from_the_cache(tmp_path, monkeypatch):
+    from fetalbrain.models.backbones import weights_availability
+
+    available, reason = weights_availability("legacy_xception")  # weights live on github.com, not the hub
+    assert not available and "github.com" in reason and "HF_HUB_OFFLINE=1" in reason
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "xception-43020ad28.pth").write_bytes(b"cached")
+    assert weights_availability("legacy_xception") == (True, "")
+    assert weights_availability("efficientnet_b0") == (True, "")  # HF cache is tried, fails in ~0.1 s
+
+
 def test_weights_file_errors_name_the_file(tmp_path):
     other = tmp_path / "resnet.pth"
     torch.save(create_backbone("resnet18", 10, pretrained=False).state_dict(), other)

