@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 TEST_ENV := HF_HUB_OFFLINE=1 WANDB_MODE=offline NO_ALBUMENTATIONS_UPDATE=1 GRADIO_ANALYTICS_ENABLED=False
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-all sweep audit compare lint clean
+.PHONY: help install train test test-all sweep audit compare benchmark lint clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-10s %s\n", $$1, $$2}'
@@ -32,6 +32,9 @@ audit: ## leakage and duplicate audit of the embedded dataset (report in outputs
 
 compare: ## compare runs: make compare RUNS=outputs/multirun/<date>/<time>
 	$(PY) -m fetalbrain.compare $(or $(RUNS),outputs) $(ARGS)
+
+benchmark: ## speed and memory of every model and of the data pipeline (about a minute on 2 cores)
+	HF_HUB_OFFLINE=1 $(PY) -m fetalbrain.benchmark $(ARGS)
 
 lint: ## ruff
 	$(PY) -m ruff check fetalbrain tests
