@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 TEST_ENV := HF_HUB_OFFLINE=1 WANDB_MODE=offline NO_ALBUMENTATIONS_UPDATE=1 GRADIO_ANALYTICS_ENABLED=False
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-all sweep audit compare benchmark lint clean
+.PHONY: help install browser train test test-all sweep audit compare benchmark gui lint clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-10s %s\n", $$1, $$2}'
@@ -14,6 +14,12 @@ install: ## create .venv and install the package (editable) with dev extras
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[dev]"
+
+browser: ## install Debian's Chromium for the GUI browser test (needs root and apt; a no-op when present)
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "Chromium not installed and cannot install it here: the browser test will be skipped"; fi; }
 
 train: ## train and test the default model on the embedded dataset (args: ARGS="model=cnn ...")
 	$(PY) -m fetalbrain.train $(ARGS)
@@ -35,6 +41,9 @@ compare: ## compare runs: make compare RUNS=outputs/multirun/<date>/<time>
 
 benchmark: ## speed and memory of every model and of the data pipeline (about a minute on 2 cores)
 	HF_HUB_OFFLINE=1 $(PY) -m fetalbrain.benchmark $(ARGS)
+
+gui: ## the web GUI on 127.0.0.1:7860, serving the newest run (ARGS="ckpt=... port=...")
+	GRADIO_ANALYTICS_ENABLED=False $(PY) -m fetalbrain.app $(ARGS)
 
 lint: ## ruff
 	$(PY) -m ruff check fetalbrain tests

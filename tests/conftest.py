@@ -85,3 +85,41 @@ def train_config(output_dir: Path, overrides: list[str] = ()):
             yield cfg
         finally:
             GlobalHydra.instance().clear()
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tmp_path_factory) -> Path:
+    """A tiny EfficientNet-Lite0 run on the embedded data: checkpoint plus its run directory."""
+    from fetalbrain.train import train
+
+    run_dir = tmp_path_factory.mktemp("run")
+    with train_config(run_dir, [*TINY, "model=efficientnet_lite0", "data.image_size=64"]) as cfg:
+        summary, _ = train(cfg)
+    return Path(summary["run"]["best_checkpoint"])
+
+
+def enormous_png(path: Path, width: int = 20_000, height: int = 20_000) -> Path:
+    """A valid PNG header announcing a huge image, without the gigabytes: decoders must refuse it."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def bad_files(folder: Path) -> dict[str, Path]:
+    """One file of every kind the apps must refuse with a clear message."""
+    folder.mkdir(parents=True, exist_ok=True)
+    text = folder / "notes.jpg"
+    text.write_text("this is not an image")
+    truncated = folder / "truncated.jpg"
+    truncated.write_bytes(next(DATA.glob("test/*.jpg")).read_bytes()[:400])
+    empty = folder / "empty.png"
+    empty.write_bytes(b"")
+    return {"not an image": text, "truncated": truncated, "empty": empty,
+            "enormous": enormous_png(folder / "enormous.png")}

@@ -1,4 +1,9 @@
-"""Decode one image file into the 8-bit grayscale array every model in the project consumes."""
+"""Decode one image file into the 8-bit grayscale array every model in the project consumes.
+
+Reads what ultrasound machines and users produce: JPEG, PNG, BMP, TIFF (8 or 16 bit, grey, RGB or
+RGBA) and DICOM (``pydicom``; MONOCHROME1 inverted, the middle frame of a cine loop). Non-8-bit
+data is scaled min-max to 0-255. Errors name the file.
+"""
 
 from pathlib import Path
 
@@ -6,6 +11,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+DICOM_EXTENSIONS = (".dcm", ".dicom")
 # Larger images are refused before decoding: a 20k x 20k upload would need GBs of memory.
 MAX_PIXELS = 8192 * 8192
 
@@ -14,26 +20,74 @@ class ImageReadError(ValueError):
     """An image file could not be decoded; the message names the file."""
 
 
-def to_grayscale_uint8(image: Image.Image) -> np.ndarray:
-    """Any PIL mode (RGB, RGBA, palette, 16-bit, float) to an HxW uint8 array."""
+def _scale_to_uint8(array: np.ndarray) -> np.ndarray:
+    array = array.astype(np.float32)
+    low, high = float(array.min()), float(array.max())
+    scaled = (array - low) / (high - low) * 255.0 if high > low else np.zeros_like(array)
+    return scaled.round().astype(np.uint8)
+
+
+def colourfulness(rgb: np.ndarray) -> float:
+    """Mean absolute difference between colour channels (0-255): ultrasound is grey (near 0)."""
+    rgb = rgb[..., :3].astype(np.int16)
+    return float((np.abs(rgb[..., 0] - rgb[..., 1]) + np.abs(rgb[..., 1] - rgb[..., 2])).mean() / 2)
+
+
+def to_grayscale_uint8(image: Image.Image) -> tuple[np.ndarray, float]:
+    """Any PIL mode (RGB, RGBA, palette, 16-bit, float) to HxW uint8, with its colourfulness."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        array = np.asarray(image, dtype=np.float32)
-        low, high = float(array.min()), float(array.max())
-        scaled = (array - low) / (high - low) * 255.0 if high > low else np.zeros_like(array)
-        return scaled.round().astype(np.uint8)
-    if image.mode in ("RGBA", "LA", "P"):
+        return _scale_to_uint8(np.asarray(image)), 0.0
+    if image.mode in ("RGBA", "LA", "P", "PA"):
         image = image.convert("RGBA")
         background = Image.new("RGBA", image.size, (0, 0, 0, 255))
-        image = Image.alpha_composite(background, image)
-    return np.asarray(image.convert("L"), dtype=np.uint8)
+        image = Image.alpha_composite(background, image).convert("RGB")
+    colour = colourfulness(np.asarray(image)) if image.mode == "RGB" else 0.0
+    return np.asarray(image.convert("L"), dtype=np.uint8), colour
 
 
-def read_grayscale(path: str | Path) -> np.ndarray:
-    """Decode ``path`` fully (truncated files fail here, not mid-training)."""
+def is_dicom(path: Path) -> bool:
+    if path.suffix.lower() in DICOM_EXTENSIONS:
+        return True
+    with open(path, "rb") as handle:
+        return handle.read(132)[128:132] == b"DICM"
+
+
+def _read_dicom(path: Path) -> tuple[np.ndarray, float]:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        dataset = pydicom.dcmread(path)
+        rows, columns = int(dataset.Rows), int(dataset.Columns)
+        if rows * columns > MAX_PIXELS:
+            raise ImageReadError(f"{path}: DICOM image of {columns}x{rows} pixels is larger than the limit")
+        pixels = dataset.pixel_array
+    except ImageReadError:
+        raise
+    except (InvalidDicomError, AttributeError, ValueError, RuntimeError, OSError) as error:
+        raise ImageReadError(f"{path}: not a readable DICOM image ({error})") from error
+    samples = int(getattr(dataset, "SamplesPerPixel", 1))
+    frames = int(getattr(dataset, "NumberOfFrames", 1) or 1)
+    if frames > 1:  # a cine loop: the middle frame
+        pixels = pixels[frames // 2]
+    colour = 0.0
+    if samples == 3:
+        colour = colourfulness(pixels)
+        pixels = pixels[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    gray = _scale_to_uint8(pixels) if pixels.dtype != np.uint8 or samples == 3 else pixels
+    if getattr(dataset, "PhotometricInterpretation", "") == "MONOCHROME1":
+        gray = 255 - gray
+    return np.ascontiguousarray(gray), colour
+
+
+def read_image(path: str | Path) -> tuple[np.ndarray, float]:
+    """Decode ``path`` fully (truncated files fail here): grayscale uint8 and its colourfulness."""
     path = Path(path)
     try:
         if path.stat().st_size == 0:
             raise ImageReadError(f"{path}: empty file")
+        if is_dicom(path):
+            return _read_dicom(path)
         with Image.open(path) as image:
             if image.width * image.height > MAX_PIXELS:
                 raise ImageReadError(
@@ -46,5 +100,11 @@ def read_grayscale(path: str | Path) -> np.ndarray:
         raise
     except FileNotFoundError as error:
         raise ImageReadError(f"{path}: file not found") from error
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as error:
+    except Image.DecompressionBombError as error:  # PIL refuses very large images before we can look
+        raise ImageReadError(f"{path}: image is larger than the {MAX_PIXELS} pixel limit ({error})") from error
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise ImageReadError(f"{path}: not a readable image ({error})") from error
+
+
+def read_grayscale(path: str | Path) -> np.ndarray:
+    return read_image(path)[0]

@@ -54,5 +54,8 @@ class SmallCNN(nn.Module):
     def forward_features(self, x):
         return self.features(x)
 
+    def forward_head(self, features):
+        return self.classifier(self.dropout(self.pool(features).flatten(1)))
+
     def forward(self, x):
-        return self.classifier(self.dropout(self.pool(self.forward_features(x)).flatten(1)))
+        return self.forward_head(self.forward_features(x))

@@ -1,0 +1,73 @@
+"""Export a trained classifier: ``python -m fetalbrain.export [ckpt=PATH] format=onnx|torchscript``.
+
+The exported net takes a batch of preprocessed images (N x C x H x W, normalised) and returns
+logits. The model card (classes, preprocessing, evaluation results) is embedded: ONNX metadata
+``fetalbrain``, TorchScript extra file ``fetalbrain.json``; ``python -m fetalbrain.predict
+ckpt=model.onnx`` runs from the ONNX file alone.
+"""
+
+import json
+import logging
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from fetalbrain.inference import ONNX_METADATA_KEY, latest_checkpoint, model_card, run_directory
+from fetalbrain.models.classifier import load_classifier
+
+log = logging.getLogger(__name__)
+FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
+
+
+def _net_and_example(checkpoint: Path):
+    net = load_classifier(checkpoint).net.eval().to(memory_format=torch.contiguous_format)
+    prep = torch.load(checkpoint, map_location="cpu", weights_only=True)["hyper_parameters"]["preprocessing"]
+    return net, torch.zeros(1, prep["channels"], prep["image_size"], prep["image_size"])
+
+
+def export_onnx(checkpoint: Path, out: Path, opset: int = 17, screening_rule: str = "youden") -> Path:
+    import onnx
+
+    net, example = _net_and_example(checkpoint)
+    torch.onnx.export(
+        net, (example,), str(out), input_names=["image"], output_names=["logits"], opset_version=opset,
+        dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False,
+    )
+    model = onnx.load(str(out))
+    model.metadata_props.add(key=ONNX_METADATA_KEY, value=json.dumps(model_card(checkpoint, screening_rule)))
+    onnx.checker.check_model(model)
+    onnx.save(model, str(out))
+    return out
+
+
+def export_torchscript(checkpoint: Path, out: Path, screening_rule: str = "youden") -> Path:
+    net, example = _net_and_example(checkpoint)
+    with torch.no_grad():
+        traced = torch.jit.trace(net, example)
+    torch.jit.save(traced, str(out), _extra_files={"fetalbrain.json": json.dumps(model_card(checkpoint, screening_rule))})
+    return out
+
+
+def export(checkpoint: Path, format: str = "onnx", out: Path | None = None, opset: int = 17,
+           screening_rule: str = "youden") -> Path:
+    if format not in FORMATS:
+        raise ValueError(f"format={format!r}: choose one of {', '.join(FORMATS)}")
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"ckpt={checkpoint}: no such file")
+    out = out or run_directory(checkpoint) / f"model{FORMATS[format]}"
+    if format == "onnx":
+        return export_onnx(checkpoint, out, opset, screening_rule)
+    return export_torchscript(checkpoint, out, screening_rule)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="export")
+def main(cfg: DictConfig) -> None:
+    checkpoint = Path(cfg.ckpt) if cfg.ckpt else latest_checkpoint(Path(cfg.paths.log_dir))
+    out = export(checkpoint, cfg.format, Path(cfg.out) if cfg.out else None, cfg.opset, cfg.screening_rule)
+    print(f"exported {checkpoint} -> {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""Prediction, export and the predict CLI on real images with a checkpoint trained in the test."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from PIL import Image
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+from fetalbrain.data.classes import DISPLAY_NAMES
+from fetalbrain.data.images import read_grayscale
+from fetalbrain.export import export
+from fetalbrain.inference import Predictor, latest_checkpoint
+from fetalbrain.predict import predict
+from tests.conftest import CONF, DATA, ROOT, bad_files
+
+REAL = sorted(DATA.glob("test/*.jpg"))[:8]
+
+
+@pytest.fixture(scope="module")
+def predictor(trained_checkpoint):
+    return Predictor(trained_checkpoint)
+
+
+def write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2") -> Path:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientName = "US", "Anonymous"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit, ds.PixelRepresentation = 15, 0
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_predictions_on_real_images(predictor, trained_checkpoint):
+    results = predictor.predict_files(REAL)
+    metrics = json.loads((trained_checkpoint.parent.parent / "metrics.json").read_text())["metrics"]
+    for result in results:
+        assert result.error is None
+        probs = list(result.probabilities.values())
+        assert abs(sum(probs) - 1) < 1e-5 and probs == sorted(probs, reverse=True)
+        assert result.name in DISPLAY_NAMES.values() and result.label in predictor.class_names
+        assert result.confidence == pytest.approx(probs[0])
+        assert 0 <= result.abnormal_probability <= 1
+        assert result.screening_threshold == pytest.approx(metrics["screening/youden/threshold"])
+        assert result.heatmap.dtype == np.uint8 and result.heatmap.shape == (256, 256, 3)
+    assert predictor.temperature == pytest.approx(metrics["calibration/temperature"])
+    assert predictor.card["test_metrics"]["test/accuracy"] == pytest.approx(metrics["test/accuracy"])
+
+
+def test_every_input_format_is_read_like_training_images(predictor, tmp_path):
+    gray = read_grayscale(REAL[0])
+    files = {
+        "png": tmp_path / "scan.png", "bmp": tmp_path / "scan.bmp", "tiff16": tmp_path / "scan16.tif",
+        "rgba": tmp_path / "scan_rgba.png",
+    }
+    Image.fromarray(gray).save(files["png"])
+    Image.fromarray(gray).save(files["bmp"])
+    Image.fromarray(gray.astype(np.uint16) * 257).save(files["tiff16"])
+    Image.fromarray(gray).convert("RGBA").save(files["rgba"])
+    files["dicom"] = write_dicom(tmp_path / "scan.dcm", gray.astype(np.uint16) * 16)
+    files["dicom_no_suffix"] = write_dicom(tmp_path / "IMG0001", gray.astype(np.uint16) * 16)
+    reference = predictor.predict_file(files["png"], heatmap=False)
+    for kind, path in files.items():
+        result = predictor.predict_file(path, heatmap=False)
+        assert result.error is None, kind
+        assert result.label == reference.label, kind
+        assert abs(result.confidence - reference.confidence) < 0.02, kind
+    inverted = write_dicom(tmp_path / "inverted.dcm", (255 - gray).astype(np.uint16), photometric="MONOCHROME1")
+    restored = read_grayscale(inverted).astype(float)  # min-max scaled, and un-inverted
+    assert np.corrcoef(restored.ravel(), gray.astype(float).ravel())[0, 1] > 0.999
+
+
+def test_colour_photographs_and_bad_files_are_flagged_not_answered(predictor, tmp_path):
+    photo = tmp_path / "holiday.jpg"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (120, 160, 3), dtype=np.uint8)).save(photo)
+    assert any("colour image" in w for w in predictor.predict_file(photo, heatmap=False).warnings)
+    bad = bad_files(tmp_path / "bad")
+    results = predictor.predict_files([REAL[0], *bad.values(), REAL[1]], heatmap=False)
+    assert results[0].error is None and results[-1].error is None  # the good ones are still predicted
+    errors = {kind: r.error for kind, r in zip(bad, results[1:-1])}
+    assert "not a readable image" in errors["not an image"] and "notes.jpg" in errors["not an image"]
+    assert "not a readable image" in errors["truncated"]
+    assert "empty file" in errors["empty"]
+    assert "larger than the 67108864 pixel limit" in errors["enormous"]
+
+
+def test_onnx_export_matches_pytorch_and_predicts_alone(predictor, trained_checkpoint, tmp_path):
+    onnx_path = export(trained_checkpoint, "onnx", tmp_path / "model.onnx")
+    onnx_predictor = Predictor(onnx_path)
+    assert onnx_predictor.card["class_names"] == predictor.class_names
+    batch = torch.cat([predictor.tensor(read_grayscale(p)) for p in REAL])
+    difference = np.abs(onnx_predictor.probabilities(batch) - predictor.probabilities(batch)).max()
+    assert difference < 1e-4
+    result = onnx_predictor.predict_file(REAL[0])
+    assert result.label == predictor.predict_file(REAL[0], heatmap=False).label
+    assert result.heatmap is None and any("needs the PyTorch checkpoint" in w for w in result.warnings)
+
+
+def test_torchscript_export_matches_pytorch(predictor, trained_checkpoint, tmp_path):
+    path = export(trained_checkpoint, "torchscript", tmp_path / "model.pt")
+    extra = {"fetalbrain.json": ""}
+    scripted = torch.jit.load(str(path), _extra_files=extra)
+    assert json.loads(extra["fetalbrain.json"])["class_names"] == predictor.class_names
+    batch = torch.cat([predictor.tensor(read_grayscale(p)) for p in REAL[:4]])
+    with torch.no_grad():
+        assert torch.allclose(scripted(batch), torch.as_tensor(predictor.logits(batch)), atol=1e-4)
+    with pytest.raises(ValueError, match="format='tflite'"):
+        export(trained_checkpoint, "tflite")
+
+
+def test_predict_cli_writes_a_row_per_file_and_lists_failures(trained_checkpoint, tmp_path):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for path in REAL[:3]:
+        (inputs / path.name).write_bytes(path.read_bytes())
+    (inputs / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+    for model in (trained_checkpoint, export(trained_checkpoint, "onnx", tmp_path / "model.onnx")):
+        out = tmp_path / f"preds_{model.suffix[1:]}.csv"
+        with initialize_config_dir(str(CONF), version_base="1.3"):
+            cfg = compose("predict", overrides=[f"ckpt={model}", f"inputs={inputs}", f"out={out}",
+                                                f"heatmaps={tmp_path / 'heatmaps'}"])
+        predict(cfg)
+        frame = pd.read_csv(out)
+        assert len(frame) == 4 and frame["error"].notna().sum() == 1
+        assert "broken.jpg" in frame.loc[frame["error"].notna(), "error"].iloc[0]
+        assert frame.filter(like="p_").shape[1] == 16
+        assert np.allclose(frame.filter(like="p_").dropna().sum(axis=1), 1, atol=1e-5)
+    assert len(list((tmp_path / "heatmaps").glob("*_gradcam.png"))) == 3
+
+
+def test_export_command_line_and_default_checkpoint(trained_checkpoint, tmp_path):
+    out = tmp_path / "cli.onnx"
+    result = subprocess.run([sys.executable, "-m", "fetalbrain.export", f"ckpt={trained_checkpoint}", f"out={out}"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert out.is_file() and "exported" in result.stdout
+    assert latest_checkpoint(trained_checkpoint.parent.parent) == trained_checkpoint
+    with pytest.raises(FileNotFoundError, match="no trained run with a checkpoint"):
+        latest_checkpoint(tmp_path)
