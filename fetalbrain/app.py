@@ -36,8 +36,12 @@ class Models:
             raise gr.Error(f"Unknown model {label!r}")
         with self._lock:
             if label not in self._loaded:
-                self._loaded[label] = Predictor(self.choices[label], self.cfg.min_confidence, self.cfg.calibrated,
-                                                screening_rule=self.cfg.screening_rule)
+                self._loaded[label] = Predictor(
+                    self.choices[label],
+                    self.cfg.min_confidence,
+                    self.cfg.calibrated,
+                    screening_rule=self.cfg.screening_rule,
+                )
             return self._loaded[label]
 
 
@@ -56,12 +60,18 @@ def model_choices(cfg: DictConfig) -> dict[str, Path]:
 def describe(predictor: Predictor) -> str:
     card = predictor.card
     metrics = card.get("test_metrics") or {}
-    lines = [f"**Model** `{card['name']}` · run `{card['run']}` · checkpoint `{card['checkpoint']}` · "
-             f"input {card['preprocessing']['image_size']} px"]
+    lines = [
+        f"**Model** `{card['name']}` · run `{card['run']}` · checkpoint `{card['checkpoint']}` · "
+        f"input {card['preprocessing']['image_size']} px"
+    ]
     if metrics:
-        lines.append("**Test metrics of this run:** " + ", ".join(f"{k.split('/', 1)[1]} {v:.3f}" for k, v in metrics.items()))
+        lines.append(
+            "**Test metrics of this run:** " + ", ".join(f"{k.split('/', 1)[1]} {v:.3f}" for k, v in metrics.items())
+        )
     if card.get("screening_threshold") is not None:
-        lines.append(f"**Screening threshold** (abnormal probability, chosen on validation): {card['screening_threshold']:.3f}")
+        lines.append(
+            f"**Screening threshold** (abnormal probability, chosen on validation): {card['screening_threshold']:.3f}"
+        )
     lines.append("**Classes:** " + ", ".join(display_name(c) for c in card["class_names"]))
     return "\n\n".join(lines)
 
@@ -96,8 +106,12 @@ def build_app(cfg: DictConfig) -> gr.Blocks:
         predictions = models.get(model_label).predict_files(paths)
         good = [p for p in predictions if not p.error]
         summary = "\n".join(summarise(p) for p in predictions)
-        gallery = [(p.heatmap, f"{Path(p.file).name}: {p.name} ({p.confidence:.2f})") for p in good if p.heatmap is not None]
-        table = predictions_frame(predictions)[TABLE_COLUMNS].assign(file=lambda f: f["file"].map(lambda x: Path(x).name))
+        gallery = [
+            (p.heatmap, f"{Path(p.file).name}: {p.name} ({p.confidence:.2f})") for p in good if p.heatmap is not None
+        ]
+        table = predictions_frame(predictions)[TABLE_COLUMNS].assign(
+            file=lambda f: f["file"].map(lambda x: Path(x).name)
+        )
         if not good:
             return summary, None, None, gallery, table
         return summary, good[0].probabilities, good[0].heatmap, gallery, table
@@ -126,7 +140,10 @@ def build_app(cfg: DictConfig) -> gr.Blocks:
 def main(cfg: DictConfig) -> None:
     app = build_app(cfg)
     app.queue(default_concurrency_limit=cfg.concurrency_limit).launch(
-        server_name=cfg.host, server_port=cfg.port, share=cfg.share, max_file_size=cfg.max_file_size,
+        server_name=cfg.host,
+        server_port=cfg.port,
+        share=cfg.share,
+        max_file_size=cfg.max_file_size,
     )
 
 

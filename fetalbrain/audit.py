@@ -56,9 +56,15 @@ def threshold_table(table: pd.DataFrame, distances: np.ndarray, thresholds=range
     same_case = (case[:, None] == case[None, :])[upper]
     d = distances[upper]
     return pd.DataFrame(
-        [{"threshold": t, "pairs_same_source": int((d[same_source] <= t).sum()),
-          "pairs_same_case_other_source": int((d[same_case & ~same_source] <= t).sum()),
-          "pairs_different_cases": int((d[~same_case] <= t).sum())} for t in thresholds]
+        [
+            {
+                "threshold": t,
+                "pairs_same_source": int((d[same_source] <= t).sum()),
+                "pairs_same_case_other_source": int((d[same_case & ~same_source] <= t).sum()),
+                "pairs_different_cases": int((d[~same_case] <= t).sum()),
+            }
+            for t in thresholds
+        ]
     )
 
 
@@ -87,8 +93,18 @@ def audit(root: Path, out: Path, threshold: int = DEFAULT_THRESHOLD, format: str
     distances = hamming_matrix(np.array([perceptual_hash(i) for i in images], dtype=np.uint64))
     pairs = near_duplicate_pairs(distances, threshold)
     pair_rows = pd.DataFrame(
-        [{"distance": d, "path_a": table["path"][i], "label_a": table["label"][i], "split_a": table["split"][i],
-          "path_b": table["path"][j], "label_b": table["label"][j], "split_b": table["split"][j]} for i, j, d in pairs]
+        [
+            {
+                "distance": d,
+                "path_a": table["path"][i],
+                "label_a": table["label"][i],
+                "split_a": table["split"][i],
+                "path_b": table["path"][j],
+                "label_b": table["label"][j],
+                "split_b": table["split"][j],
+            }
+            for i, j, d in pairs
+        ]
     )
     pair_rows.to_csv(out / "near_duplicates.csv", index=False)
     conflicts = pair_rows[pair_rows["label_a"] != pair_rows["label_b"]] if len(pair_rows) else pair_rows
@@ -105,11 +121,19 @@ def audit(root: Path, out: Path, threshold: int = DEFAULT_THRESHOLD, format: str
     figure(table, distances, leakage, threshold, out / "audit.png")
 
     summary = {
-        "images": len(table), "unreadable": unreadable, "classes": len(classes),
-        "sources": table["source"].nunique(), "cases": table["case"].nunique(), "groups": table["group"].nunique(),
-        "exact_duplicate_images": len(exact), "exact_duplicate_sets": exact["content_hash"].nunique(),
-        "near_duplicate_pairs": len(pairs), "label_conflict_pairs": len(conflicts),
-        "merged_cases": [" + ".join(c) for c in merged], "leakage": leakage, "threshold": threshold,
+        "images": len(table),
+        "unreadable": unreadable,
+        "classes": len(classes),
+        "sources": table["source"].nunique(),
+        "cases": table["case"].nunique(),
+        "groups": table["group"].nunique(),
+        "exact_duplicate_images": len(exact),
+        "exact_duplicate_sets": exact["content_hash"].nunique(),
+        "near_duplicate_pairs": len(pairs),
+        "label_conflict_pairs": len(conflicts),
+        "merged_cases": [" + ".join(c) for c in merged],
+        "leakage": leakage,
+        "threshold": threshold,
     }
     (out / "report.md").write_text(report_markdown(root, summary, counts, thresholds, conflicts))
     return summary
@@ -147,30 +171,47 @@ def figure(table, distances, leakage, threshold, path: Path) -> None:
 def report_markdown(root, summary, counts, thresholds, conflicts) -> str:
     leakage = summary["leakage"]
     lines = [
-        f"# Dataset audit: `{root.name}`", "",
+        f"# Dataset audit: `{root.name}`",
+        "",
         f"{summary['images']} images, {summary['classes']} classes, {summary['sources']} source images, "
         f"{summary['cases']} cases, {summary['groups']} groups after merging duplicates "
-        f"(perceptual-hash distance ≤ {summary['threshold']} bits, or identical pixels).", "",
-        "## Leakage of the dataset's own split", "",
+        f"(perceptual-hash distance ≤ {summary['threshold']} bits, or identical pixels).",
+        "",
+        "## Leakage of the dataset's own split",
+        "",
         leakage.to_string(index=False),
-        "", "## Duplicates", "",
+        "",
+        "## Duplicates",
+        "",
         f"- {summary['exact_duplicate_images']} images are pixel-identical to another "
         f"({summary['exact_duplicate_sets']} sets): `exact_duplicates.csv`.",
         f"- {summary['near_duplicate_pairs']} near-duplicate pairs: `near_duplicates.csv`.",
         f"- {summary['label_conflict_pairs']} of them carry **different labels**: `label_conflicts.csv`.",
         "- Cases joined by duplicates (re-uploads under another name or label): "
-        + ("; ".join(summary["merged_cases"]) or "none") + ".",
-        "", "## Choice of the near-duplicate threshold", "",
+        + ("; ".join(summary["merged_cases"]) or "none")
+        + ".",
+        "",
+        "## Choice of the near-duplicate threshold",
+        "",
         "Pairs each threshold would link. Copies of one source (`_aug_N`) are mostly rotated or flipped and",
-        "far apart; a good threshold links identical images across names without linking unrelated cases.", "",
-        thresholds.to_string(index=False), "",
-        "## Class counts", "", counts.to_string(), "",
+        "far apart; a good threshold links identical images across names without linking unrelated cases.",
+        "",
+        thresholds.to_string(index=False),
+        "",
+        "## Class counts",
+        "",
+        counts.to_string(),
+        "",
     ]
     if summary["unreadable"]:
         lines += ["## Unreadable images", "", *[f"- {u}" for u in summary["unreadable"]], ""]
     if len(conflicts):
-        lines += ["## Label conflicts (first 20)", "",
-                  conflicts.head(20)[["distance", "label_a", "label_b", "path_a", "path_b"]].to_string(index=False), ""]
+        lines += [
+            "## Label conflicts (first 20)",
+            "",
+            conflicts.head(20)[["distance", "label_a", "label_b", "path_a", "path_b"]].to_string(index=False),
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -183,14 +224,20 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     out = args.out or PROJECT_ROOT / "outputs" / "audit" / args.root.name
     summary = audit(args.root, out, args.threshold, args.format)
-    print(f"{summary['images']} images, {summary['sources']} sources, {summary['cases']} cases, "
-          f"{summary['groups']} groups after merging duplicates")
-    print(f"exact duplicates: {summary['exact_duplicate_images']} images; near-duplicate pairs: "
-          f"{summary['near_duplicate_pairs']}; pairs with conflicting labels: {summary['label_conflict_pairs']}")
+    print(
+        f"{summary['images']} images, {summary['sources']} sources, {summary['cases']} cases, "
+        f"{summary['groups']} groups after merging duplicates"
+    )
+    print(
+        f"exact duplicates: {summary['exact_duplicate_images']} images; near-duplicate pairs: "
+        f"{summary['near_duplicate_pairs']}; pairs with conflicting labels: {summary['label_conflict_pairs']}"
+    )
     for row in summary["leakage"].itertuples():
-        print(f"LEAKAGE {row.split}: {row.shared_source} of {row.images} images share a source image with train, "
-              f"{row.shared_case} a case, {row.shared_group} a duplicate group; "
-              f"{row.near_duplicate_of_train} are near-duplicates of a training image")
+        print(
+            f"LEAKAGE {row.split}: {row.shared_source} of {row.images} images share a source image with train, "
+            f"{row.shared_case} a case, {row.shared_group} a duplicate group; "
+            f"{row.near_duplicate_of_train} are near-duplicates of a training image"
+        )
     print(f"report: {out / 'report.md'}")
 
 

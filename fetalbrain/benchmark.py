@@ -103,9 +103,16 @@ def autocast(device: torch.device, bf16: bool):
 def lightning_throughput(model, batches, device, bf16: bool, warmup: int, batch_size: int) -> tuple[float, float]:
     timer = StepTimer()
     trainer = L.Trainer(
-        accelerator=device.type, devices=1, precision="bf16-mixed" if bf16 else "32-true", max_epochs=1,
-        limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[timer],
+        accelerator=device.type,
+        devices=1,
+        precision="bf16-mixed" if bf16 else "32-true",
+        max_epochs=1,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
     )
     with PeakMemory(device) as memory:
         trainer.fit(model, train_dataloaders=DataLoader(batches, batch_size=None))
@@ -182,16 +189,23 @@ def data_pipeline(cfg: DictConfig, bench: DictConfig) -> list[dict]:
         start, images = time.perf_counter(), 0
         for _ in range(bench.data_batches):
             images += len(next(loader)[0])
-        results.append({"cache": cache, "workers": bench.data_workers,
-                        "images_per_s": images / (time.perf_counter() - start)})
+        results.append(
+            {"cache": cache, "workers": bench.data_workers, "images_per_s": images / (time.perf_counter() - start)}
+        )
     return results
 
 
 def train_config(bench: DictConfig, model: str, image_size: int) -> DictConfig:
-    overrides = [f"model={model}", f"data.image_size={image_size}", f"data.batch_size={bench.batch_size}",
-                 "data.num_workers=0", f"model.channels_last={bench.channels_last}", f"model.compile={bench.compile}",
-                 "model.freeze_backbone_epochs=0",  # a frozen backbone would time a different step
-                 *bench.overrides]
+    overrides = [
+        f"model={model}",
+        f"data.image_size={image_size}",
+        f"data.batch_size={bench.batch_size}",
+        "data.num_workers=0",
+        f"model.channels_last={bench.channels_last}",
+        f"model.compile={bench.compile}",
+        "model.freeze_backbone_epochs=0",  # a frozen backbone would time a different step
+        *bench.overrides,
+    ]
     cfg = compose("train", overrides=overrides)
     with open_dict(cfg):
         if "pretrained" in cfg.model.net:  # weights do not change speed; never wait on a download
@@ -203,45 +217,79 @@ def benchmark_model(bench, cfg, datamodule, device, bf16) -> dict:
     steps = bench.warmup_steps + bench.steps + 1
     loader = iter(datamodule.train_dataloader())
     batches = [next(loader) for _ in range(steps)]  # real augmented images, reused by both loops
-    model = instantiate(cfg.model, class_names=datamodule.class_names,
-                        preprocessing=datamodule.preprocessing_config(), optimizer=instantiate(cfg.optimizer))
+    model = instantiate(
+        cfg.model,
+        class_names=datamodule.class_names,
+        preprocessing=datamodule.preprocessing_config(),
+        optimizer=instantiate(cfg.optimizer),
+    )
     fresh_net = copy.deepcopy(model.net)
     params = sum(p.numel() for p in model.parameters())
     gflops = forward_gflops(fresh_net, cfg.data.image_size)
     lightning_img_s, lightning_mb = lightning_throughput(
         model, batches, device, bf16, bench.warmup_steps, bench.batch_size
     )
-    bare_img_s, bare_mb = bare_throughput(copy.deepcopy(fresh_net), instantiate(cfg.optimizer), batches, device, bf16,
-                                          bench.channels_last, bench.compile, bench.warmup_steps, bench.batch_size)
+    bare_img_s, bare_mb = bare_throughput(
+        copy.deepcopy(fresh_net),
+        instantiate(cfg.optimizer),
+        batches,
+        device,
+        bf16,
+        bench.channels_last,
+        bench.compile,
+        bench.warmup_steps,
+        bench.batch_size,
+    )
     peak_mb = max(lightning_mb, bare_mb)
-    latency_ms, infer_img_s = inference_speed(fresh_net, cfg.data.image_size, device, bf16, bench.channels_last,
-                                              bench.latency_repeats, bench.batch_size)
-    return {"model": cfg.model.name, "image_size": cfg.data.image_size, "params_m": params / 1e6,
-            "gflops_per_image": gflops, "train_img_s_lightning": lightning_img_s, "train_img_s_bare": bare_img_s,
-            "lightning_vs_bare": lightning_img_s / bare_img_s, "latency_ms_batch1": latency_ms,
-            "infer_img_s_batch32": infer_img_s, "peak_memory_mb_training": peak_mb}
+    latency_ms, infer_img_s = inference_speed(
+        fresh_net, cfg.data.image_size, device, bf16, bench.channels_last, bench.latency_repeats, bench.batch_size
+    )
+    return {
+        "model": cfg.model.name,
+        "image_size": cfg.data.image_size,
+        "params_m": params / 1e6,
+        "gflops_per_image": gflops,
+        "train_img_s_lightning": lightning_img_s,
+        "train_img_s_bare": bare_img_s,
+        "lightning_vs_bare": lightning_img_s / bare_img_s,
+        "latency_ms_batch1": latency_ms,
+        "infer_img_s_batch32": infer_img_s,
+        "peak_memory_mb_training": peak_mb,
+    }
 
 
 def machine_description(device: torch.device) -> dict:
     cpu = platform.processor() or platform.machine()
     if Path("/proc/cpuinfo").is_file():
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]
+        names = [
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ]
         cpu = names[0] if names else cpu
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "lightning": L.__version__,
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "python": platform.python_version(), "platform": platform.platform()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "lightning": L.__version__,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
 
 
 def markdown(results: dict) -> str:
     m, bench = results["machine"], results["settings"]
     lines = [
-        f"## Benchmark {results['started']}", "",
+        f"## Benchmark {results['started']}",
+        "",
         f"Machine: {m['device']} / {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GiB, torch {m['torch']} "
         f"({m['torch_threads']} threads), Lightning {m['lightning']}. Batch {bench['batch_size']}, "
         f"precision {results['precision']}, channels_last {bench['channels_last']}, compile {bench['compile']}; "
-        f"median of {bench['steps']} training steps after {bench['warmup_steps']} warm-up steps.", "",
+        f"median of {bench['steps']} training steps after {bench['warmup_steps']} warm-up steps.",
+        "",
         "| model | size | params (M) | GFLOPs/img | train img/s (Lightning) | train img/s (bare loop) | "
         "Lightning/bare | latency b1 (ms) | infer img/s b32 | peak train memory (MB) |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -254,12 +302,18 @@ def markdown(results: dict) -> str:
         )
     lines += ["", "| data pipeline (decode + augment) | workers | img/s |", "|---|---|---|"]
     for d in results["data_pipeline"]:
-        lines.append(f"| {'cached decoded images' if d['cache'] else 'decode every time'} | {d['workers']} | "
-                     f"{d['images_per_s']:.0f} |")
+        lines.append(
+            f"| {'cached decoded images' if d['cache'] else 'decode every time'} | {d['workers']} | "
+            f"{d['images_per_s']:.0f} |"
+        )
     targets = results["targets"]
-    lines += ["", f"Targets: data pipeline / fastest model training = {targets['pipeline_over_fastest_model']:.1f} "
-              f"(≥ 3 wanted); Lightning / bare loop ≥ 0.9 for {targets['models_at_least_0.9']} of "
-              f"{len(results['models'])} models (lowest {targets['lowest_lightning_vs_bare']:.2f}).", ""]
+    lines += [
+        "",
+        f"Targets: data pipeline / fastest model training = {targets['pipeline_over_fastest_model']:.1f} "
+        f"(≥ 3 wanted); Lightning / bare loop ≥ 0.9 for {targets['models_at_least_0.9']} of "
+        f"{len(results['models'])} models (lowest {targets['lowest_lightning_vs_bare']:.2f}).",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -285,12 +339,19 @@ def run(bench: DictConfig, out_dir: Path) -> dict:
     fastest = max(r["train_img_s_lightning"] for r in models)
     ratios = [r["lightning_vs_bare"] for r in models]
     results = {
-        "started": started, "machine": machine_description(device), "precision": "bf16" if bf16 else "fp32",
-        "settings": {k: bench[k] for k in ("batch_size", "warmup_steps", "steps", "channels_last", "compile",
-                                           "data_workers")},
-        "models": models, "data_pipeline": pipeline,
-        "targets": {"pipeline_over_fastest_model": max(d["images_per_s"] for d in pipeline) / fastest,
-                    "lowest_lightning_vs_bare": min(ratios), "models_at_least_0.9": sum(r >= 0.9 for r in ratios)},
+        "started": started,
+        "machine": machine_description(device),
+        "precision": "bf16" if bf16 else "fp32",
+        "settings": {
+            k: bench[k] for k in ("batch_size", "warmup_steps", "steps", "channels_last", "compile", "data_workers")
+        },
+        "models": models,
+        "data_pipeline": pipeline,
+        "targets": {
+            "pipeline_over_fastest_model": max(d["images_per_s"] for d in pipeline) / fastest,
+            "lowest_lightning_vs_bare": min(ratios),
+            "models_at_least_0.9": sum(r >= 0.9 for r in ratios),
+        },
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "benchmark.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -26,7 +26,6 @@ import yaml  # noqa: E402
 from scipy import stats  # noqa: E402
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score  # noqa: E402
 
-from fetalbrain.data.classes import display_name  # noqa: E402
 from fetalbrain.evaluation.plots import confusion_matrix_figure  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -41,7 +40,9 @@ METRICS = {
     "screening/test_auroc": "screening AUROC",
     "test/ece": "ECE",
 }
-NOT_A_SETTING = re.compile(r"^(data\.fold|seed|hydra\.|ckpt_path|model|data/split|data\.splitter|data\.num_workers|logger)\b")
+NOT_A_SETTING = re.compile(
+    r"^(data\.fold|seed|hydra\.|ckpt_path|model|data/split|data\.splitter|data\.num_workers|logger)\b"
+)
 
 
 def find_runs(directories: list[Path]) -> list[Path]:
@@ -88,8 +89,17 @@ def summarise(runs: pd.DataFrame) -> pd.DataFrame:
             mean = values.mean() if n else np.nan
             std = values.std(ddof=1) if n > 1 else np.nan
             half = stats.t.ppf(0.975, n - 1) * std / np.sqrt(n) if n > 1 else np.nan
-            rows.append({"group": group, "metric": metric, "n": n, "mean": mean, "std": std,
-                         "ci95_low": mean - half, "ci95_high": mean + half})
+            rows.append(
+                {
+                    "group": group,
+                    "metric": metric,
+                    "n": n,
+                    "mean": mean,
+                    "std": std,
+                    "ci95_low": mean - half,
+                    "ci95_high": mean + half,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -114,12 +124,21 @@ def pooled_predictions(runs: pd.DataFrame, out: Path) -> pd.DataFrame:
         true, predicted = predictions["true"].map(index), predictions["predicted"].map(index)
         warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
         matrix = confusion_matrix(true, predicted, labels=list(range(len(classes))))
-        confusion_matrix_figure(matrix, classes, out / f"confusion_{slug(group)}.png",
-                                f"{group}: pooled out-of-fold predictions (n={len(predictions)})")
-        rows.append({"group": group, "pooled_images": len(predictions),
-                     "pooled_accuracy": float((true == predicted).mean()),
-                     "pooled_balanced_accuracy": balanced_accuracy_score(true, predicted),
-                     "pooled_f1_macro": f1_score(true, predicted, average="macro", labels=sorted(set(true)))})
+        confusion_matrix_figure(
+            matrix,
+            classes,
+            out / f"confusion_{slug(group)}.png",
+            f"{group}: pooled out-of-fold predictions (n={len(predictions)})",
+        )
+        rows.append(
+            {
+                "group": group,
+                "pooled_images": len(predictions),
+                "pooled_accuracy": float((true == predicted).mean()),
+                "pooled_balanced_accuracy": balanced_accuracy_score(true, predicted),
+                "pooled_f1_macro": f1_score(true, predicted, average="macro", labels=sorted(set(true))),
+            }
+        )
     return pd.DataFrame(rows)
 
 

@@ -32,8 +32,14 @@ def export_onnx(checkpoint: Path, out: Path, opset: int = 17, screening_rule: st
 
     net, example = _net_and_example(checkpoint)
     torch.onnx.export(
-        net, (example,), str(out), input_names=["image"], output_names=["logits"], opset_version=opset,
-        dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False,
+        net,
+        (example,),
+        str(out),
+        input_names=["image"],
+        output_names=["logits"],
+        opset_version=opset,
+        dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+        dynamo=False,
     )
     model = onnx.load(str(out))
     model.metadata_props.add(key=ONNX_METADATA_KEY, value=json.dumps(model_card(checkpoint, screening_rule)))
@@ -46,12 +52,15 @@ def export_torchscript(checkpoint: Path, out: Path, screening_rule: str = "youde
     net, example = _net_and_example(checkpoint)
     with torch.no_grad():
         traced = torch.jit.trace(net, example)
-    torch.jit.save(traced, str(out), _extra_files={"fetalbrain.json": json.dumps(model_card(checkpoint, screening_rule))})
+    torch.jit.save(
+        traced, str(out), _extra_files={"fetalbrain.json": json.dumps(model_card(checkpoint, screening_rule))}
+    )
     return out
 
 
-def export(checkpoint: Path, format: str = "onnx", out: Path | None = None, opset: int = 17,
-           screening_rule: str = "youden") -> Path:
+def export(
+    checkpoint: Path, format: str = "onnx", out: Path | None = None, opset: int = 17, screening_rule: str = "youden"
+) -> Path:
     if format not in FORMATS:
         raise ValueError(f"format={format!r}: choose one of {', '.join(FORMATS)}")
     if not checkpoint.is_file():

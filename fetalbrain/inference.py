@@ -21,8 +21,14 @@ from fetalbrain.data.transforms import build_pipeline, preprocessing
 from fetalbrain.models.gradcam import grad_cam, overlay
 
 ONNX_METADATA_KEY = "fetalbrain"
-SHOWN_METRICS = ("test/accuracy", "test/balanced_accuracy", "test/f1_macro", "test/auroc_macro",
-                 "screening/test_auroc", "test/ece")
+SHOWN_METRICS = (
+    "test/accuracy",
+    "test/balanced_accuracy",
+    "test/f1_macro",
+    "test/auroc_macro",
+    "screening/test_auroc",
+    "test/ece",
+)
 
 
 @dataclass
@@ -54,9 +60,16 @@ def run_directory(checkpoint: Path) -> Path:
 def model_card(checkpoint: Path, screening_rule: str = "youden") -> dict:
     """What a deployed model needs besides weights: classes, preprocessing, evaluation results."""
     hparams = torch.load(checkpoint, map_location="cpu", weights_only=True)["hyper_parameters"]
-    card = {"name": hparams.get("name") or hparams["net"].get("name", "model"), "class_names": hparams["class_names"],
-            "preprocessing": hparams["preprocessing"], "run": str(run_directory(checkpoint).name),
-            "checkpoint": checkpoint.name, "test_metrics": {}, "screening_threshold": None, "temperature": None}
+    card = {
+        "name": hparams.get("name") or hparams["net"].get("name", "model"),
+        "class_names": hparams["class_names"],
+        "preprocessing": hparams["preprocessing"],
+        "run": str(run_directory(checkpoint).name),
+        "checkpoint": checkpoint.name,
+        "test_metrics": {},
+        "screening_threshold": None,
+        "temperature": None,
+    }
     metrics_file = run_directory(checkpoint) / "metrics.json"
     if metrics_file.is_file():
         metrics = json.loads(metrics_file.read_text())["metrics"]
@@ -73,23 +86,38 @@ def available_runs(log_dir: Path = PROJECT_ROOT / "outputs") -> list[dict]:
         summary = json.loads(metrics_file.read_text())
         checkpoint = Path(summary["run"].get("best_checkpoint") or "")
         if checkpoint.is_file():
-            runs.append({"run_dir": metrics_file.parent, "checkpoint": checkpoint, "model": summary["run"]["model"],
-                         "modified": metrics_file.stat().st_mtime})
+            runs.append(
+                {
+                    "run_dir": metrics_file.parent,
+                    "checkpoint": checkpoint,
+                    "model": summary["run"]["model"],
+                    "modified": metrics_file.stat().st_mtime,
+                }
+            )
     return sorted(runs, key=lambda r: r["modified"], reverse=True)
 
 
 def latest_checkpoint(log_dir: Path = PROJECT_ROOT / "outputs") -> Path:
     runs = available_runs(log_dir)
     if not runs:
-        raise FileNotFoundError(f"no trained run with a checkpoint under {log_dir}: train one (make train) or pass ckpt=PATH")
+        raise FileNotFoundError(
+            f"no trained run with a checkpoint under {log_dir}: train one (make train) or pass ckpt=PATH"
+        )
     return runs[0]["checkpoint"]
 
 
 class Predictor:
     """Load once, predict many. ``model_path``: a Lightning checkpoint (.ckpt) or an ONNX export."""
 
-    def __init__(self, model_path: str | Path, min_confidence: float = 0.5, calibrated: bool = True,
-                 max_colourfulness: float = 8.0, screening_rule: str = "youden", heatmaps: bool = True):
+    def __init__(
+        self,
+        model_path: str | Path,
+        min_confidence: float = 0.5,
+        calibrated: bool = True,
+        max_colourfulness: float = 8.0,
+        screening_rule: str = "youden",
+        heatmaps: bool = True,
+    ):
         self.path = Path(model_path)
         if not self.path.is_file():
             raise FileNotFoundError(f"ckpt={model_path}: no such file")
@@ -102,7 +130,10 @@ class Predictor:
             if ONNX_METADATA_KEY not in metadata:
                 raise ValueError(f"{self.path}: not exported by fetalbrain (no model card in its metadata)")
             self.card = json.loads(metadata[ONNX_METADATA_KEY])
-            self.session, self.model = onnxruntime.InferenceSession(str(self.path), providers=["CPUExecutionProvider"]), None
+            self.session, self.model = (
+                onnxruntime.InferenceSession(str(self.path), providers=["CPUExecutionProvider"]),
+                None,
+            )
         else:
             from fetalbrain.models.classifier import load_classifier
 
@@ -112,8 +143,10 @@ class Predictor:
         self.temperature = (self.card.get("temperature") or 1.0) if calibrated else 1.0
         prep = self.card["preprocessing"]
         self.transform = build_pipeline(
-            preprocessing(prep["image_size"], prep["denoise"], prep["denoise_kernel"], prep["clahe"]), [],
-            prep["mean"], prep["std"],
+            preprocessing(prep["image_size"], prep["denoise"], prep["denoise_kernel"], prep["clahe"]),
+            [],
+            prep["mean"],
+            prep["std"],
         )
         self.class_names = self.card["class_names"]
 
@@ -146,17 +179,24 @@ class Predictor:
         probs = self.probabilities(batch)[0]
         order = np.argsort(probs)[::-1]
         top = int(order[0])
-        result.label, result.name, result.confidence = self.class_names[top], display_name(self.class_names[top]), float(probs[top])
+        result.label, result.name, result.confidence = (
+            self.class_names[top],
+            display_name(self.class_names[top]),
+            float(probs[top]),
+        )
         result.probabilities = {display_name(self.class_names[i]): float(probs[i]) for i in order}
         if NORMAL_CLASS in self.class_names:
             result.abnormal_probability = 1.0 - float(probs[self.class_names.index(NORMAL_CLASS)])
             result.screening_threshold = self.card.get("screening_threshold")
         if result.confidence < self.min_confidence:
-            result.warnings.append(f"low confidence ({result.confidence:.2f} < {self.min_confidence}): "
-                                   "the model is unsure; do not rely on this class")
+            result.warnings.append(
+                f"low confidence ({result.confidence:.2f} < {self.min_confidence}): "
+                "the model is unsure; do not rely on this class"
+            )
         if colour > self.max_colourfulness:
-            result.warnings.append("colour image: ultrasound images are grey, so this input looks unlike the "
-                                   "training data")
+            result.warnings.append(
+                "colour image: ultrasound images are grey, so this input looks unlike the training data"
+            )
         if heatmap if heatmap is not None else self.heatmaps:
             if self.model is None:
                 result.warnings.append("no heatmap: it needs the PyTorch checkpoint, not the ONNX export")

@@ -29,10 +29,18 @@ def input_files(inputs: Path) -> list[Path]:
 def predictions_frame(predictions: list[Prediction]) -> pd.DataFrame:
     rows = []
     for p in predictions:
-        row = {"file": p.file, "predicted": p.label, "name": p.name, "confidence": p.confidence,
-               "abnormal_probability": p.abnormal_probability, "screening_threshold": p.screening_threshold,
-               "screening_positive": p.screening_positive, "warnings": "; ".join(p.warnings), "error": p.error,
-               "seconds": round(p.seconds, 4)}
+        row = {
+            "file": p.file,
+            "predicted": p.label,
+            "name": p.name,
+            "confidence": p.confidence,
+            "abnormal_probability": p.abnormal_probability,
+            "screening_threshold": p.screening_threshold,
+            "screening_positive": p.screening_positive,
+            "warnings": "; ".join(p.warnings),
+            "error": p.error,
+            "seconds": round(p.seconds, 4),
+        }
         row.update({f"p_{name}": value for name, value in p.probabilities.items()})
         rows.append(row)
     return pd.DataFrame(rows)
@@ -40,8 +48,9 @@ def predictions_frame(predictions: list[Prediction]) -> pd.DataFrame:
 
 def predict(cfg: DictConfig) -> pd.DataFrame:
     checkpoint = Path(cfg.ckpt) if cfg.ckpt else latest_checkpoint(Path(cfg.paths.log_dir))
-    predictor = Predictor(checkpoint, cfg.min_confidence, cfg.calibrated, screening_rule=cfg.screening_rule,
-                          heatmaps=bool(cfg.heatmaps))
+    predictor = Predictor(
+        checkpoint, cfg.min_confidence, cfg.calibrated, screening_rule=cfg.screening_rule, heatmaps=bool(cfg.heatmaps)
+    )
     files = input_files(Path(cfg.inputs))
     if not files:
         raise FileNotFoundError(f"inputs={cfg.inputs}: no image or DICOM files found")

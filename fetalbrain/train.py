@@ -74,12 +74,17 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     val = Predictions(*(t.numpy() for t in model.predict_proba(datamodule.val_dataloader())))
     options = cfg.evaluation
     report_metrics, notes = write_test_report(
-        output_dir, val, test, datamodule.class_names,
+        output_dir,
+        val,
+        test,
+        datamodule.class_names,
         title=f"{cfg.model.get('name', '')} test, split {cfg.data.splitter}",
-        calibration_bins=options.calibration_bins, temperature_scaling=options.temperature_scaling,
+        calibration_bins=options.calibration_bins,
+        temperature_scaling=options.temperature_scaling,
         min_sensitivity=options.screening_min_sensitivity,
         shortcut_data=(datamodule.part_images("train"), datamodule.part_images("test"))
-        if options.shortcut_check else None,
+        if options.shortcut_check
+        else None,
     )
     metrics.update(report_metrics)
     for note in notes:

@@ -3,7 +3,10 @@
 import os
 
 os.environ.update(
-    HF_HUB_OFFLINE="1", WANDB_MODE="offline", NO_ALBUMENTATIONS_UPDATE="1", GRADIO_ANALYTICS_ENABLED="False",
+    HF_HUB_OFFLINE="1",
+    WANDB_MODE="offline",
+    NO_ALBUMENTATIONS_UPDATE="1",
+    GRADIO_ANALYTICS_ENABLED="False",
     WANDB_SILENT="true",
 )
 
@@ -107,8 +110,12 @@ def enormous_png(path: Path, width: int = 20_000, height: int = 20_000) -> Path:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
-                     + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -121,5 +128,9 @@ def bad_files(folder: Path) -> dict[str, Path]:
     truncated.write_bytes(next(DATA.glob("test/*.jpg")).read_bytes()[:400])
     empty = folder / "empty.png"
     empty.write_bytes(b"")
-    return {"not an image": text, "truncated": truncated, "empty": empty,
-            "enormous": enormous_png(folder / "enormous.png")}
+    return {
+        "not an image": text,
+        "truncated": truncated,
+        "empty": empty,
+        "enormous": enormous_png(folder / "enormous.png"),
+    }

@@ -29,8 +29,9 @@ def served(trained_checkpoint):
         cfg = compose("app", overrides=[f"ckpt={trained_checkpoint}", "concurrency_limit=4"])
     app = build_app(cfg)
     port = free_port()
-    app.queue(default_concurrency_limit=4).launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True,
-                                                  max_file_size=cfg.max_file_size, quiet=True)
+    app.queue(default_concurrency_limit=4).launch(
+        server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, max_file_size=cfg.max_file_size, quiet=True
+    )
     yield {"url": f"http://127.0.0.1:{port}/", "model": next(iter(model_choices(cfg)))}
     app.close()
 
@@ -66,8 +67,9 @@ def test_concurrent_clients_all_get_answers(served):
     assert all(r[1] and r[1]["label"] for r in results)
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on this machine (Debian package 'chromium'; "
-                    "`make browser` installs it)")
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="no Chromium on this machine (Debian package 'chromium'; `make browser` installs it)"
+)
 def test_browser_upload_shows_class_scores_and_heatmap(served):
     from playwright.sync_api import sync_playwright
 
@@ -75,8 +77,14 @@ def test_browser_upload_shows_class_scores_and_heatmap(served):
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
             executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--no-first-run"],
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
         )
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1400})

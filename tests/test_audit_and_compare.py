@@ -19,11 +19,21 @@ def test_audit_finds_the_leakage_and_the_duplicates(tmp_path, capsys):
     assert "LEAKAGE test: 171 of 176 images share a source image with train" in printed
     leakage = pd.read_csv(tmp_path / "leakage.csv").set_index("split")
     assert leakage.loc["test", "shared_source"] >= 160 and leakage.loc["valid", "shared_case"] == 174
-    for name in ("report.md", "audit.png", "class_counts.csv", "exact_duplicates.csv", "near_duplicates.csv",
-                 "label_conflicts.csv", "groups.csv", "thresholds.csv"):
+    for name in (
+        "report.md",
+        "audit.png",
+        "class_counts.csv",
+        "exact_duplicates.csv",
+        "near_duplicates.csv",
+        "label_conflicts.csv",
+        "groups.csv",
+        "thresholds.csv",
+    ):
         assert (tmp_path / name).is_file(), name
     conflicts = pd.read_csv(tmp_path / "label_conflicts.csv")
-    assert {"cerebellah-hypoplasia", "moderate-ventriculomegaly"} <= set(conflicts["label_a"]) | set(conflicts["label_b"])
+    assert {"cerebellah-hypoplasia", "moderate-ventriculomegaly"} <= set(conflicts["label_a"]) | set(
+        conflicts["label_b"]
+    )
     report = (tmp_path / "report.md").read_text()
     assert "cerebellah-hypoplasia:20 + moderate-ventriculomegaly:20" in report
     assert "Arnold-Chiari malformation" in report  # readable class names
@@ -39,10 +49,20 @@ def test_audit_lists_unreadable_images_and_goes_on(tmp_path, small_export):
 
 def test_two_models_three_folds_then_compare(tmp_path):
     sweep = tmp_path / "sweep"
-    command = [sys.executable, "-m", "fetalbrain.train", "-m", "model=cnn,separable", "data.fold=0,1,2",
-               "data.num_folds=3", *TINY, f"hydra.sweep.dir={sweep}"]
-    result = subprocess.run(command, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True,
-                            text=True, timeout=900)
+    command = [
+        sys.executable,
+        "-m",
+        "fetalbrain.train",
+        "-m",
+        "model=cnn,separable",
+        "data.fold=0,1,2",
+        "data.num_folds=3",
+        *TINY,
+        f"hydra.sweep.dir={sweep}",
+    ]
+    result = subprocess.run(
+        command, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=900
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "comparison"
     table = compare([sweep], out, wandb_mode="offline")

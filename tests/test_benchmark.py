@@ -9,17 +9,32 @@ from tests.conftest import CONF
 
 
 def test_benchmark_reports_models_pipeline_and_targets(tmp_path):
-    overrides = ["models=[cnn,efficientnet_lite0]", "image_sizes=[32]", "batch_size=8", "warmup_steps=1", "steps=2",
-                 "latency_repeats=2", "data_batches=2", "data_workers=0", "device=cpu",
-                 f"append_to={tmp_path / 'history.md'}"]
+    overrides = [
+        "models=[cnn,efficientnet_lite0]",
+        "image_sizes=[32]",
+        "batch_size=8",
+        "warmup_steps=1",
+        "steps=2",
+        "latency_repeats=2",
+        "data_batches=2",
+        "data_workers=0",
+        "device=cpu",
+        f"append_to={tmp_path / 'history.md'}",
+    ]
     with initialize_config_dir(str(CONF), version_base="1.3"):
         bench = compose("benchmark", overrides=overrides)
         results = run(bench, tmp_path)
     written = json.loads((tmp_path / "benchmark.json").read_text())
     assert [m["model"] for m in written["models"]] == ["cnn", "efficientnet_lite0"]
     for row in written["models"]:
-        for key in ("params_m", "gflops_per_image", "train_img_s_lightning", "train_img_s_bare", "latency_ms_batch1",
-                    "infer_img_s_batch32"):
+        for key in (
+            "params_m",
+            "gflops_per_image",
+            "train_img_s_lightning",
+            "train_img_s_bare",
+            "latency_ms_batch1",
+            "infer_img_s_batch32",
+        ):
             assert row[key] > 0, key
         assert 0.2 < row["lightning_vs_bare"] < 5
     assert written["models"][0]["params_m"] < written["models"][1]["params_m"]

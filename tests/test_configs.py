@@ -29,17 +29,33 @@ def test_defaults_compose_to_the_documented_choices(tmp_path):
 
 @pytest.mark.parametrize("model", options("model"))
 def test_every_model_option_builds_a_classifier(tmp_path, model):
-    with train_config(tmp_path, [f"model={model}", "model.net.pretrained=false"] if model not in ("cnn", "separable")
-                      else [f"model={model}"]) as cfg:
+    with train_config(
+        tmp_path,
+        [f"model={model}", "model.net.pretrained=false"] if model not in ("cnn", "separable") else [f"model={model}"],
+    ) as cfg:
         with open_dict(cfg):
             cfg.model.net.pop("weights", None)
-        module = instantiate(cfg.model, class_names=CLASSES, optimizer=instantiate(cfg.optimizer),
-                             scheduler=instantiate(cfg.scheduler))
+        module = instantiate(
+            cfg.model, class_names=CLASSES, optimizer=instantiate(cfg.optimizer), scheduler=instantiate(cfg.scheduler)
+        )
     assert isinstance(module, Classifier) and module.net.get_classifier().out_features == 4
 
 
-@pytest.mark.parametrize("group", ["optimizer", "scheduler", "trainer", "callbacks", "logger", "data/transforms",
-                                   "data/split", "debug", "experiment", "hparams_search"])
+@pytest.mark.parametrize(
+    "group",
+    [
+        "optimizer",
+        "scheduler",
+        "trainer",
+        "callbacks",
+        "logger",
+        "data/transforms",
+        "data/split",
+        "debug",
+        "experiment",
+        "hparams_search",
+    ],
+)
 def test_every_option_of_every_group_composes_and_instantiates(tmp_path, group):
     for option in options(group):
         with train_config(tmp_path, [f"{group}={option}", "trainer=cpu" if group != "trainer" else "model=cnn"]) as cfg:

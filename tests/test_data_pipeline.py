@@ -63,8 +63,15 @@ def test_datamodule_batches_cache_and_class_counts(small_export):
     assert dm.datasets["train"].images is not None  # decoded once, kept in memory
     assert dm.train_class_counts().sum() == len(dm.datasets["train"])
     assert 0 < dm.mean < 1 and 0 < dm.std < 1
-    three = FetalBrainDataModule(str(small_export), splitter="official", image_size=32, channels=3, num_workers=0,
-                                 cache=False, sampler="weighted")
+    three = FetalBrainDataModule(
+        str(small_export),
+        splitter="official",
+        image_size=32,
+        channels=3,
+        num_workers=0,
+        cache=False,
+        sampler="weighted",
+    )
     three.setup()
     batch = next(iter(three.train_dataloader()))[0]
     assert batch.shape[1] == 3 and torch.equal(batch[:, 0], batch[:, 2])

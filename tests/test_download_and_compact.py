@@ -49,15 +49,28 @@ def served_export(tmp_path, small_export):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     port = server.server_address[1]
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield {"url": f"http://127.0.0.1:{port}", "manifest": manifest, "archive": archive, "requests": requests,
-           "export": small_export}
+    yield {
+        "url": f"http://127.0.0.1:{port}",
+        "manifest": manifest,
+        "archive": archive,
+        "requests": requests,
+        "export": small_export,
+    }
     server.shutdown()
 
 
 def test_download_from_mirror_verifies_and_is_idempotent(tmp_path, served_export, capsys):
     dest = tmp_path / "full"
-    args = ["--source", "mirror", "--url", served_export["url"] + "/export.zip", "--dest", str(dest),
-            "--manifest", str(served_export["manifest"])]
+    args = [
+        "--source",
+        "mirror",
+        "--url",
+        served_export["url"] + "/export.zip",
+        "--dest",
+        str(dest),
+        "--manifest",
+        str(served_export["manifest"]),
+    ]
     assert download_main(args) == 0
     table, _ = read_dataset(dest)
     assert len(table) == len(read_dataset(served_export["export"])[0])
@@ -69,8 +82,14 @@ def test_download_from_mirror_verifies_and_is_idempotent(tmp_path, served_export
 def test_download_through_the_roboflow_api(tmp_path, served_export, monkeypatch):
     monkeypatch.setenv("ROBOFLOW_API_KEY", "secret-key")
     dest = tmp_path / "full"
-    args = ["--roboflow-api", served_export["url"] + "/ws", "--dest", str(dest),
-            "--manifest", str(served_export["manifest"])]
+    args = [
+        "--roboflow-api",
+        served_export["url"] + "/ws",
+        "--dest",
+        str(dest),
+        "--manifest",
+        str(served_export["manifest"]),
+    ]
     assert download_main(args) == 0
     assert served_export["requests"][0].startswith("/ws/hritwik-trivedi-gkgrv/fetal-brain-abnormalities-ultrasound/1/")
     assert (dest / "train" / "_classes.csv").is_file()
@@ -78,11 +97,18 @@ def test_download_through_the_roboflow_api(tmp_path, served_export, monkeypatch)
 
 def test_download_rejects_checksum_mismatch_and_tampered_files(tmp_path, served_export, capsys):
     common = ["--manifest", str(served_export["manifest"])]
-    assert download_main(["--archive", str(served_export["archive"]), "--sha256", "0" * 64,
-                          "--dest", str(tmp_path / "a"), *common]) == 1
+    assert (
+        download_main(
+            ["--archive", str(served_export["archive"]), "--sha256", "0" * 64, "--dest", str(tmp_path / "a"), *common]
+        )
+        == 1
+    )
     assert "differs from --sha256" in capsys.readouterr().err
-    tampered = served_export["manifest"].read_text().replace(
-        served_export["manifest"].read_text()[:64], hashlib.sha256(b"x").hexdigest(), 1)
+    tampered = (
+        served_export["manifest"]
+        .read_text()
+        .replace(served_export["manifest"].read_text()[:64], hashlib.sha256(b"x").hexdigest(), 1)
+    )
     served_export["manifest"].write_text(tampered)
     assert download_main(["--archive", str(served_export["archive"]), "--dest", str(tmp_path / "b"), *common]) == 1
     assert "does not match its SHA256" in capsys.readouterr().err
@@ -90,8 +116,9 @@ def test_download_rejects_checksum_mismatch_and_tampered_files(tmp_path, served_
 
 
 def test_download_offline_fails_fast_with_a_clear_message(tmp_path, capsys):
-    assert download_main(["--url", "http://127.0.0.1:9/export.zip", "--dest", str(tmp_path / "x"),
-                          "--timeout", "2"]) == 1
+    assert (
+        download_main(["--url", "http://127.0.0.1:9/export.zip", "--dest", str(tmp_path / "x"), "--timeout", "2"]) == 1
+    )
     err = capsys.readouterr().err
     assert "cannot reach 127.0.0.1:9" in err and "--archive FILE.zip" in err
 

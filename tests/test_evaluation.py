@@ -38,7 +38,8 @@ def test_temperature_scaling_recovers_the_distortion_and_keeps_predictions():
     rescaled = apply_temperature(distorted[2000:], temperature)
     assert (rescaled.argmax(axis=1) == distorted[2000:].argmax(axis=1)).all()
     assert expected_calibration_error(rescaled, targets[2000:]) < 0.5 * expected_calibration_error(
-        distorted[2000:], targets[2000:])
+        distorted[2000:], targets[2000:]
+    )
 
 
 def screening_sample(n: int, separation: float):

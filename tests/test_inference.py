@@ -66,7 +66,9 @@ def test_predictions_on_real_images(predictor, trained_checkpoint):
 def test_every_input_format_is_read_like_training_images(predictor, tmp_path):
     gray = read_grayscale(REAL[0])
     files = {
-        "png": tmp_path / "scan.png", "bmp": tmp_path / "scan.bmp", "tiff16": tmp_path / "scan16.tif",
+        "png": tmp_path / "scan.png",
+        "bmp": tmp_path / "scan.bmp",
+        "tiff16": tmp_path / "scan16.tif",
         "rgba": tmp_path / "scan_rgba.png",
     }
     Image.fromarray(gray).save(files["png"])
@@ -134,8 +136,10 @@ def test_predict_cli_writes_a_row_per_file_and_lists_failures(trained_checkpoint
     for model in (trained_checkpoint, export(trained_checkpoint, "onnx", tmp_path / "model.onnx")):
         out = tmp_path / f"preds_{model.suffix[1:]}.csv"
         with initialize_config_dir(str(CONF), version_base="1.3"):
-            cfg = compose("predict", overrides=[f"ckpt={model}", f"inputs={inputs}", f"out={out}",
-                                                f"heatmaps={tmp_path / 'heatmaps'}"])
+            cfg = compose(
+                "predict",
+                overrides=[f"ckpt={model}", f"inputs={inputs}", f"out={out}", f"heatmaps={tmp_path / 'heatmaps'}"],
+            )
         predict(cfg)
         frame = pd.read_csv(out)
         assert len(frame) == 4 and frame["error"].notna().sum() == 1
@@ -147,8 +151,13 @@ def test_predict_cli_writes_a_row_per_file_and_lists_failures(trained_checkpoint
 
 def test_export_command_line_and_default_checkpoint(trained_checkpoint, tmp_path):
     out = tmp_path / "cli.onnx"
-    result = subprocess.run([sys.executable, "-m", "fetalbrain.export", f"ckpt={trained_checkpoint}", f"out={out}"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "fetalbrain.export", f"ckpt={trained_checkpoint}", f"out={out}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert out.is_file() and "exported" in result.stdout
     assert latest_checkpoint(trained_checkpoint.parent.parent) == trained_checkpoint

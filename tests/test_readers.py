@@ -5,7 +5,7 @@ import shutil
 import pytest
 
 from fetalbrain.data.readers import DatasetError, read_dataset
-from tests.conftest import DATA, read_split_csv, write_split_csv
+from tests.conftest import DATA, write_split_csv
 
 
 def test_embedded_dataset_is_the_full_export():
@@ -21,18 +21,42 @@ def test_embedded_dataset_is_the_full_export():
 @pytest.mark.parametrize(
     ("filename", "label", "source", "case"),
     [
-        ("Copy-of-arachnoid-cyst-37b_aug_0_png_jpg.rf.3e46b256d159cc7a64cf2e1c720b5b17.jpg", "arachnoid-cyst",
-         "Copy-of-arachnoid-cyst-37b", "arachnoid-cyst:37"),
-        ("Copy-of-arachnoid-cyst-37a-_png_jpg.rf.0a.jpg", "arachnoid-cyst", "Copy-of-arachnoid-cyst-37a-",
-         "arachnoid-cyst:37"),
-        ("Copy-of-encephalocele-3-23b_aug_1_png_jpg.rf.ab.jpg", "encephalocele", "Copy-of-encephalocele-3-23b",
-         "encephalocele:23"),
-        ("Copy-of-vein-of-galen-40b2_png_jpg.rf.cd.jpg", "vein-of-galen", "Copy-of-vein-of-galen-40b2",
-         "vein-of-galen:40"),
-        ("Copy-of-moderate-ventriculomegaly-34_jpg.rf.ef.jpg", "moderate-ventriculomegaly",
-         "Copy-of-moderate-ventriculomegaly-34", "moderate-ventriculomegaly:34"),
-        ("Copy-of-mild-ventriculomegaly_png_jpg.rf.01.jpg", "mild-ventriculomegaly",
-         "Copy-of-mild-ventriculomegaly", "mild-ventriculomegaly:mild-ventriculomegaly"),
+        (
+            "Copy-of-arachnoid-cyst-37b_aug_0_png_jpg.rf.3e46b256d159cc7a64cf2e1c720b5b17.jpg",
+            "arachnoid-cyst",
+            "Copy-of-arachnoid-cyst-37b",
+            "arachnoid-cyst:37",
+        ),
+        (
+            "Copy-of-arachnoid-cyst-37a-_png_jpg.rf.0a.jpg",
+            "arachnoid-cyst",
+            "Copy-of-arachnoid-cyst-37a-",
+            "arachnoid-cyst:37",
+        ),
+        (
+            "Copy-of-encephalocele-3-23b_aug_1_png_jpg.rf.ab.jpg",
+            "encephalocele",
+            "Copy-of-encephalocele-3-23b",
+            "encephalocele:23",
+        ),
+        (
+            "Copy-of-vein-of-galen-40b2_png_jpg.rf.cd.jpg",
+            "vein-of-galen",
+            "Copy-of-vein-of-galen-40b2",
+            "vein-of-galen:40",
+        ),
+        (
+            "Copy-of-moderate-ventriculomegaly-34_jpg.rf.ef.jpg",
+            "moderate-ventriculomegaly",
+            "Copy-of-moderate-ventriculomegaly-34",
+            "moderate-ventriculomegaly:34",
+        ),
+        (
+            "Copy-of-mild-ventriculomegaly_png_jpg.rf.01.jpg",
+            "mild-ventriculomegaly",
+            "Copy-of-mild-ventriculomegaly",
+            "mild-ventriculomegaly:mild-ventriculomegaly",
+        ),
         ("scan_001.png", "normal", "scan_001", "normal:1"),
     ],
 )

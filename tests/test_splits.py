@@ -51,7 +51,9 @@ def test_duplicates_merge_re_uploads_across_names_and_labels(embedded):
     merged = table.assign(group=groups).groupby("group")["case"].nunique()
     # The same images are labelled cerebellar hypoplasia and moderate ventriculomegaly (case 20).
     assert set(table.loc[groups == groups[table["case"] == "moderate-ventriculomegaly:20"].iloc[0], "case"]) == {
-        "cerebellah-hypoplasia:20", "moderate-ventriculomegaly:20"}
+        "cerebellah-hypoplasia:20",
+        "moderate-ventriculomegaly:20",
+    }
     assert (merged > 1).sum() == 3
 
 

@@ -9,12 +9,26 @@ from fetalbrain.models.classifier import load_classifier
 from fetalbrain.train import train
 from tests.conftest import TINY, train_config
 
-REPORT_FILES = ("metrics.json", "per_class.csv", "confusion_matrix.png", "predictions.csv", "roc.png",
-                "screening_roc.png", "reliability.png")
-REPORT_METRICS = ("test/ece", "test/ece_temperature_scaled", "calibration/temperature", "screening/test_auroc",
-                  "screening/youden/threshold", "screening/youden/test_sensitivity",
-                  "screening/sensitivity_0.95/test_specificity", "shortcut/image_stats_test_auroc",
-                  "shortcut/border_only_test_auroc")
+REPORT_FILES = (
+    "metrics.json",
+    "per_class.csv",
+    "confusion_matrix.png",
+    "predictions.csv",
+    "roc.png",
+    "screening_roc.png",
+    "reliability.png",
+)
+REPORT_METRICS = (
+    "test/ece",
+    "test/ece_temperature_scaled",
+    "calibration/temperature",
+    "screening/test_auroc",
+    "screening/youden/threshold",
+    "screening/youden/test_sensitivity",
+    "screening/sensitivity_0.95/test_specificity",
+    "shortcut/image_stats_test_auroc",
+    "shortcut/border_only_test_auroc",
+)
 
 
 def run(tmp_path, *overrides):
@@ -29,8 +43,15 @@ def test_each_model_family_trains_and_tests(tmp_path, model):
     for name in REPORT_FILES:
         assert (tmp_path / name).is_file(), name
     written = json.loads((tmp_path / "metrics.json").read_text())
-    for key in ("test/accuracy", "test/balanced_accuracy", "test/f1_macro", "test/auroc_macro", "test/precision_macro",
-                "test/recall_macro", "val/f1_macro_best"):
+    for key in (
+        "test/accuracy",
+        "test/balanced_accuracy",
+        "test/f1_macro",
+        "test/auroc_macro",
+        "test/precision_macro",
+        "test/recall_macro",
+        "val/f1_macro_best",
+    ):
         assert 0.0 <= written["metrics"][key] <= 1.0, key
     for key in REPORT_METRICS:
         assert key in written["metrics"], key
@@ -72,8 +93,14 @@ def test_same_seed_same_result_on_cpu(tmp_path):
 
 def test_imbalance_and_finetuning_options(tmp_path):
     summary, objects = run(
-        tmp_path, "model=efficientnet_lite0", "model.class_weighting=balanced", "data.sampler=weighted",
-        "model.label_smoothing=0.1", "model.freeze_backbone_epochs=1", "scheduler=plateau", "optimizer=sgd",
+        tmp_path,
+        "model=efficientnet_lite0",
+        "model.class_weighting=balanced",
+        "data.sampler=weighted",
+        "model.label_smoothing=0.1",
+        "model.freeze_backbone_epochs=1",
+        "scheduler=plateau",
+        "optimizer=sgd",
     )
     model = objects["model"]
     weights = model.class_weights

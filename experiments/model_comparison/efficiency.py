@@ -30,11 +30,25 @@ def main() -> None:
     for group in wide.index:
         model = group.split(" · ")[0]
         row = {"model": model}
-        for metric, name in (("test/f1_macro", "macro_f1"), ("test/balanced_accuracy", "balanced_accuracy"),
-                             ("test/auroc_macro", "macro_auroc")):
+        for metric, name in (
+            ("test/f1_macro", "macro_f1"),
+            ("test/balanced_accuracy", "balanced_accuracy"),
+            ("test/auroc_macro", "macro_auroc"),
+        ):
             row[name], row[f"{name}_std"] = wide.loc[group, ("mean", metric)], wide.loc[group, ("std", metric)]
-        row.update(speed.loc[model, ["params_m", "gflops_per_image", "latency_ms_batch1", "infer_img_s_batch32",
-                                     "train_img_s_lightning", "peak_memory_mb_training"]].to_dict())
+        row.update(
+            speed.loc[
+                model,
+                [
+                    "params_m",
+                    "gflops_per_image",
+                    "latency_ms_batch1",
+                    "infer_img_s_batch32",
+                    "train_img_s_lightning",
+                    "peak_memory_mb_training",
+                ],
+            ].to_dict()
+        )
         rows.append(row)
     table = pd.DataFrame(rows).sort_values("gflops_per_image")
     table.to_csv(RESULTS / "accuracy_vs_efficiency.csv", index=False)
@@ -42,7 +56,8 @@ def main() -> None:
     machine = benchmark["machine"]
     lines = [
         f"Grouped 5-fold CV at {IMAGE_SIZE} px (mean ± std over folds); efficiency on {machine['cpu']}, "
-        f"{machine['cores']} cores, {machine['torch_threads']} torch threads, fp32, batch 32.", "",
+        f"{machine['cores']} cores, {machine['torch_threads']} torch threads, fp32, batch 32.",
+        "",
         "| model | macro F1 | balanced accuracy | macro AUROC | params (M) | GFLOPs/img | CPU latency b1 (ms) "
         "| CPU infer img/s b32 | CPU train img/s | peak train memory (MB) |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -57,17 +72,22 @@ def main() -> None:
     (RESULTS / "accuracy_vs_efficiency.md").write_text("\n".join(lines) + "\n")
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, column, label in ((axes[0], "gflops_per_image", "forward GFLOPs per image (log)"),
-                              (axes[1], "latency_ms_batch1", "CPU latency, batch 1 (ms, log)")):
+    for ax, column, label in (
+        (axes[0], "gflops_per_image", "forward GFLOPs per image (log)"),
+        (axes[1], "latency_ms_batch1", "CPU latency, batch 1 (ms, log)"),
+    ):
         ax.errorbar(table[column], table["macro_f1"], yerr=table["macro_f1_std"], fmt="o", capsize=4)
         for r in table.itertuples():
-            ax.annotate(r.model, (getattr(r, column), r.macro_f1), textcoords="offset points", xytext=(6, 4),
-                        fontsize=8)
+            ax.annotate(
+                r.model, (getattr(r, column), r.macro_f1), textcoords="offset points", xytext=(6, 4), fontsize=8
+            )
         ax.set_xscale("log")
         ax.set_xlabel(label)
         ax.set_ylabel("test macro-F1, grouped 5-fold CV (± std)")
         ax.set_ylim(0, 0.3)
-    fig.suptitle(f"Accuracy against cost ({IMAGE_SIZE} px; Lite0 ImageNet-pretrained, others from scratch)", fontsize=10)
+    fig.suptitle(
+        f"Accuracy against cost ({IMAGE_SIZE} px; Lite0 ImageNet-pretrained, others from scratch)", fontsize=10
+    )
     fig.tight_layout()
     fig.savefig(RESULTS / "accuracy_vs_efficiency.png", dpi=120)
     plt.close(fig)

@@ -99,7 +99,11 @@ class FetalBrainDataModule(L.LightningDataModule):
         images = [images[i] for i in keep]
         table["group"] = duplicate_groups(table, images, hp.group_level, hp.near_duplicate_threshold)
         table, self.split_report = assign_parts(
-            table, hp.splitter, num_folds=hp.num_folds, fold=hp.fold, val_num_folds=hp.val_num_folds,
+            table,
+            hp.splitter,
+            num_folds=hp.num_folds,
+            fold=hp.fold,
+            val_num_folds=hp.val_num_folds,
             seed=hp.split_seed,
         )
         table["target"] = table["label"].map({name: i for i, name in enumerate(self.class_names)})
@@ -116,7 +120,10 @@ class FetalBrainDataModule(L.LightningDataModule):
             rows = np.flatnonzero(table["part"] == part)
             transform = build_pipeline(preprocess, augment if part == "train" else [], self.mean, self.std)
             self.datasets[part] = UltrasoundDataset(
-                table["path"].iloc[rows], table["target"].iloc[rows], transform, hp.channels,
+                table["path"].iloc[rows],
+                table["target"].iloc[rows],
+                transform,
+                hp.channels,
                 [images[i] for i in rows] if hp.cache else None,
             )
         log.info("Data: %s, split %s", self.split_report.part_sizes, hp.splitter)
@@ -135,7 +142,8 @@ class FetalBrainDataModule(L.LightningDataModule):
         if self.skipped:
             log.warning(
                 "Skipped %d unreadable image(s) (data.on_bad_image=skip): %s",
-                len(self.skipped), "; ".join(s["error"] for s in self.skipped[:5]),
+                len(self.skipped),
+                "; ".join(s["error"] for s in self.skipped[:5]),
             )
         return images
 
@@ -161,8 +169,13 @@ class FetalBrainDataModule(L.LightningDataModule):
         """Everything inference needs to reproduce training's input pipeline."""
         hp = self.hparams
         return {
-            "image_size": hp.image_size, "channels": hp.channels, "mean": self.mean, "std": self.std,
-            "denoise": hp.denoise, "denoise_kernel": hp.denoise_kernel, "clahe": hp.clahe,
+            "image_size": hp.image_size,
+            "channels": hp.channels,
+            "mean": self.mean,
+            "std": self.std,
+            "denoise": hp.denoise,
+            "denoise_kernel": hp.denoise_kernel,
+            "clahe": hp.clahe,
         }
 
     def data_summary(self) -> dict:

@@ -26,9 +26,7 @@ from fetalbrain import PROJECT_ROOT
 
 DEFAULT_DEST = PROJECT_ROOT / "data" / "fetal-brain-ultrasound-full"
 MANIFEST = Path(__file__).parent / "manifests" / "fetal-brain-ultrasound-v1.sha256"
-MIRROR_URL = (
-    "https://github.com/ahmed-838/gencare_dataset/archive/36013d48569b56b8107cb0c888f3264888b8cc5d.zip"
-)
+MIRROR_URL = "https://github.com/ahmed-838/gencare_dataset/archive/36013d48569b56b8107cb0c888f3264888b8cc5d.zip"
 ROBOFLOW_API = "https://api.roboflow.com"
 ROBOFLOW_DATASET = ("hritwik-trivedi-gkgrv", "fetal-brain-abnormalities-ultrasound", 1, "multiclass")
 VERIFIED_MARKER = ".verified"
@@ -59,7 +57,9 @@ def read_manifest(manifest: Path) -> dict[str, str]:
 
 def _open(url: str, timeout: float):
     try:
-        return urllib.request.urlopen(urllib.request.Request(url, headers={"User-Agent": "fetalbrain"}), timeout=timeout)
+        return urllib.request.urlopen(
+            urllib.request.Request(url, headers={"User-Agent": "fetalbrain"}), timeout=timeout
+        )
     except urllib.error.HTTPError as error:
         raise DownloadError(f"{_redact(url)}: HTTP {error.code} {error.reason}") from error
     except (urllib.error.URLError, TimeoutError, OSError) as error:

@@ -91,8 +91,7 @@ def read_image(path: str | Path) -> tuple[np.ndarray, float]:
         with Image.open(path) as image:
             if image.width * image.height > MAX_PIXELS:
                 raise ImageReadError(
-                    f"{path}: image of {image.width}x{image.height} pixels is larger than the "
-                    f"{MAX_PIXELS} pixel limit"
+                    f"{path}: image of {image.width}x{image.height} pixels is larger than the {MAX_PIXELS} pixel limit"
                 )
             image.load()
             return to_grayscale_uint8(image)

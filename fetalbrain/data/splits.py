@@ -109,6 +109,9 @@ def assign_parts(table: pd.DataFrame, splitter: str, **grouped_options) -> tuple
             log.warning(
                 "LEAKAGE: the official split shares sources with train for %d of %d %s images "
                 "(%d share a case). Its scores overstate accuracy; use data.splitter=grouped.",
-                c["shared_source"], c["images"], p, c["shared_case"],
+                c["shared_source"],
+                c["images"],
+                p,
+                c["shared_case"],
             )
     return table, report

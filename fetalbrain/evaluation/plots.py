@@ -30,8 +30,15 @@ def confusion_matrix_figure(matrix: np.ndarray, class_names: list[str], path: Pa
     ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(len(names)), names, fontsize=8)
     for i, j in zip(*np.nonzero(matrix)):
-        ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=7,
-                color="white" if normalised[i, j] > 0.5 else "black")
+        ax.text(
+            j,
+            i,
+            int(matrix[i, j]),
+            ha="center",
+            va="center",
+            fontsize=7,
+            color="white" if normalised[i, j] > 0.5 else "black",
+        )
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
@@ -81,11 +88,21 @@ def reliability_figure(bins_before: dict, bins_after: dict | None, ece: tuple, p
     fig, ax = plt.subplots(figsize=(5.5, 5))
     centres = (bins_before["edges"][:-1] + bins_before["edges"][1:]) / 2
     width = bins_before["edges"][1] - bins_before["edges"][0]
-    ax.bar(centres, np.nan_to_num(bins_before["accuracy"]), width=width * 0.9, alpha=0.6,
-           label=f"uncalibrated (ECE {ece[0]:.3f})")
+    ax.bar(
+        centres,
+        np.nan_to_num(bins_before["accuracy"]),
+        width=width * 0.9,
+        alpha=0.6,
+        label=f"uncalibrated (ECE {ece[0]:.3f})",
+    )
     if bins_after is not None:
-        ax.plot(bins_after["confidence"], bins_after["accuracy"], "o-", color="C3",
-                label=f"temperature scaled (ECE {ece[1]:.3f})")
+        ax.plot(
+            bins_after["confidence"],
+            bins_after["accuracy"],
+            "o-",
+            color="C3",
+            label=f"temperature scaled (ECE {ece[1]:.3f})",
+        )
     ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="perfect calibration")
     ax.set_xlabel("confidence")
     ax.set_ylabel("accuracy")

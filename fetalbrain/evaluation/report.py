@@ -39,16 +39,27 @@ def per_class_table(probs: np.ndarray, targets: np.ndarray, class_names: list[st
         for i in range(len(class_names))
     ]
     return pd.DataFrame(
-        {"class": class_names, "name": [display_name(c) for c in class_names], "precision": precision,
-         "recall": recall, "f1": f1, "auroc": auroc, "support": support,
-         "predicted": np.bincount(predicted, minlength=len(class_names))}
+        {
+            "class": class_names,
+            "name": [display_name(c) for c in class_names],
+            "precision": precision,
+            "recall": recall,
+            "f1": f1,
+            "auroc": auroc,
+            "support": support,
+            "predicted": np.bincount(predicted, minlength=len(class_names)),
+        }
     )
 
 
 def predictions_table(test: Predictions, class_names: list[str]) -> pd.DataFrame:
     frame = pd.DataFrame(
-        {"path": test.paths, "true": [class_names[t] for t in test.targets],
-         "predicted": [class_names[p] for p in test.probs.argmax(axis=1)], "confidence": test.probs.max(axis=1)}
+        {
+            "path": test.paths,
+            "true": [class_names[t] for t in test.targets],
+            "predicted": [class_names[p] for p in test.probs.argmax(axis=1)],
+            "confidence": test.probs.max(axis=1),
+        }
     )
     return pd.concat([frame, pd.DataFrame(test.probs, columns=[f"p_{c}" for c in class_names])], axis=1)
 
@@ -64,19 +75,31 @@ def calibration_report(val: Predictions, test: Predictions, n_bins: int, tempera
         scaled = calibration.apply_temperature(test.probs, temperature)
         ece_after = calibration.expected_calibration_error(scaled, test.targets, n_bins)
         bins_after = calibration.reliability_bins(scaled, test.targets, n_bins)
-        metrics.update({
-            "calibration/temperature": temperature,
-            "test/ece_temperature_scaled": ece_after,
-            "test/nll_temperature_scaled": calibration.negative_log_likelihood(scaled, test.targets),
-        })
-    plots.reliability_figure(calibration.reliability_bins(test.probs, test.targets, n_bins), bins_after,
-                             (metrics["test/ece"], ece_after), out_dir / "reliability.png")
+        metrics.update(
+            {
+                "calibration/temperature": temperature,
+                "test/ece_temperature_scaled": ece_after,
+                "test/nll_temperature_scaled": calibration.negative_log_likelihood(scaled, test.targets),
+            }
+        )
+    plots.reliability_figure(
+        calibration.reliability_bins(test.probs, test.targets, n_bins),
+        bins_after,
+        (metrics["test/ece"], ece_after),
+        out_dir / "reliability.png",
+    )
     return metrics
 
 
 def write_test_report(
-    out_dir: Path, val: Predictions, test: Predictions, class_names: list[str], title: str,
-    calibration_bins: int = 15, temperature_scaling: bool = True, min_sensitivity: float = 0.95,
+    out_dir: Path,
+    val: Predictions,
+    test: Predictions,
+    class_names: list[str],
+    title: str,
+    calibration_bins: int = 15,
+    temperature_scaling: bool = True,
+    min_sensitivity: float = 0.95,
     shortcut_data: tuple | None = None,
 ) -> tuple[dict[str, float], list[str]]:
     """Write every file of the report; return the extra metrics and notes on what was not computable."""

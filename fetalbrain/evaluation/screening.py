@@ -37,7 +37,9 @@ def operating_point(is_abnormal: np.ndarray, score: np.ndarray, threshold: float
 
 
 def screening_metrics(
-    val: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray], normal_index: int,
+    val: tuple[np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray],
+    normal_index: int,
     min_sensitivity: float = 0.95,
 ) -> tuple[dict[str, float], list[str]]:
     """Flat ``screening/...`` metrics, and notes on what could not be computed and why."""

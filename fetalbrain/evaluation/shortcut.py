@@ -24,8 +24,13 @@ def _thumbnail(image: np.ndarray) -> np.ndarray:
 def _stats(pixels: np.ndarray) -> list[float]:
     pixels = pixels.astype(np.float64).ravel() / 255.0
     histogram = np.histogram(pixels, bins=8, range=(0, 1))[0] / pixels.size
-    return [pixels.mean(), pixels.std(), *np.percentile(pixels, [5, 25, 50, 75, 95]), (pixels < 0.02).mean(),
-            *histogram]
+    return [
+        pixels.mean(),
+        pixels.std(),
+        *np.percentile(pixels, [5, 25, 50, 75, 95]),
+        (pixels < 0.02).mean(),
+        *histogram,
+    ]
 
 
 def global_features(image: np.ndarray) -> list[float]:

@@ -11,7 +11,6 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torchmetrics import MaxMetric, Metric, MetricCollection
-from torchmetrics.utilities import dim_zero_cat
 from torchmetrics.classification import (
     MulticlassAccuracy,
     MulticlassAUROC,
@@ -19,6 +18,7 @@ from torchmetrics.classification import (
     MulticlassPrecision,
     MulticlassRecall,
 )
+from torchmetrics.utilities import dim_zero_cat
 
 
 class BalancedAccuracy(Metric):
@@ -103,11 +103,18 @@ class Classifier(L.LightningModule):
         # Plain Python values only: checkpoints must load with torch.load(weights_only=True).
         self.save_hyperparameters(
             {
-                "net": net, "class_names": class_names, "name": name, "label_smoothing": label_smoothing,
-                "class_weighting": class_weighting, "freeze_backbone_epochs": freeze_backbone_epochs,
-                "backbone_lr_factor": backbone_lr_factor, "channels_last": channels_last,
-                "compile": compile, "monitor": monitor,
-                "preprocessing": OmegaConf.to_container(preprocessing) if isinstance(preprocessing, DictConfig)
+                "net": net,
+                "class_names": class_names,
+                "name": name,
+                "label_smoothing": label_smoothing,
+                "class_weighting": class_weighting,
+                "freeze_backbone_epochs": freeze_backbone_epochs,
+                "backbone_lr_factor": backbone_lr_factor,
+                "channels_last": channels_last,
+                "compile": compile,
+                "monitor": monitor,
+                "preprocessing": OmegaConf.to_container(preprocessing)
+                if isinstance(preprocessing, DictConfig)
                 else preprocessing,
             }
         )
