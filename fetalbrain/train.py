@@ -1,7 +1,7 @@
 """Train and test one model: ``python -m fetalbrain.train [hydra overrides]`` (configs in ``conf/``).
 
 Fits on the train part, picks the best epoch on validation, tests that checkpoint, and writes the
-run directory: resolved config (``.hydra/``), checkpoints, ``metrics.json``, ``per_class.csv``,
+run directory: ``config.yaml`` (resolved; ``.hydra/`` has the composed one and the overrides), checkpoints, ``metrics.json``, ``per_class.csv``,
 ``confusion_matrix.png`` and ``predictions.csv``. ``main`` returns the optimised metric so Hydra
 sweepers (grid, Optuna) can use it.
 """
@@ -55,6 +55,8 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)  # .hydra/ keeps the unresolved one
     datamodule, model, trainer = build(cfg)
     started = time.perf_counter()
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)

@@ -36,6 +36,18 @@ def served(trained_checkpoint):
     app.close()
 
 
+def test_default_model_is_the_newest_run_and_others_can_be_picked(trained_checkpoint, tmp_path):
+    run_dir = trained_checkpoint.parent.parent
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("app", overrides=[f"paths.log_dir={run_dir.parent}"])
+        empty = compose("app", overrides=[f"paths.log_dir={tmp_path}"])
+    choices = model_choices(cfg)
+    assert list(choices.values())[0] == trained_checkpoint
+    assert list(choices)[0].startswith("efficientnet_lite0 · ")
+    with pytest.raises(FileNotFoundError, match="no trained run"):
+        model_choices(empty)
+
+
 def call(served, paths):
     client = Client(served["url"], verbose=False)
     return client.predict([handle_file(str(p)) for p in paths], served["model"], api_name="/predict")

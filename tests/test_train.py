@@ -13,6 +13,8 @@ REPORT_FILES = (
     "metrics.json",
     "per_class.csv",
     "confusion_matrix.png",
+    "confusion_matrix_normalised.png",
+    "config.yaml",
     "predictions.csv",
     "roc.png",
     "screening_roc.png",
@@ -56,6 +58,8 @@ def test_each_model_family_trains_and_tests(tmp_path, model):
     for key in REPORT_METRICS:
         assert key in written["metrics"], key
     assert written["run"]["model"] == model and written["run"]["image_size"] == 32
+    resolved = (tmp_path / "config.yaml").read_text()
+    assert "${" not in resolved and "fetal-brain-ultrasound" in resolved
     assert written["data"]["split"]["splitter"] == "grouped"
     if model == "efficientnet_lite0":
         assert written["run"]["pretrained_source"].startswith("file:")

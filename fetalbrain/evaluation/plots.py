@@ -19,8 +19,11 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def confusion_matrix_figure(matrix: np.ndarray, class_names: list[str], path: Path, title: str) -> Path:
-    """Counts in each cell; colour by row-normalised recall so rare classes stay visible."""
+def confusion_matrix_figure(
+    matrix: np.ndarray, class_names: list[str], path: Path, title: str, normalised_values: bool = False
+) -> Path:
+    """Colour by row-normalised recall so rare classes stay visible; cells show the counts, or with
+    ``normalised_values`` the fraction of each true class."""
     rows = matrix.sum(axis=1, keepdims=True)
     normalised = np.divide(matrix, rows, out=np.zeros_like(matrix, dtype=float), where=rows > 0)
     names = [display_name(c) for c in class_names]
@@ -33,7 +36,7 @@ def confusion_matrix_figure(matrix: np.ndarray, class_names: list[str], path: Pa
         ax.text(
             j,
             i,
-            int(matrix[i, j]),
+            f"{normalised[i, j]:.2f}" if normalised_values else int(matrix[i, j]),
             ha="center",
             va="center",
             fontsize=7,

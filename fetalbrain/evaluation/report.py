@@ -1,6 +1,7 @@
 """The test report every run writes into its directory, and the metrics it adds to metrics.json.
 
-Files: per_class.csv, confusion_matrix.png, roc.png, screening_roc.png, reliability.png,
+Files: per_class.csv, confusion_matrix.png (counts), confusion_matrix_normalised.png, roc.png,
+screening_roc.png, reliability.png,
 predictions.csv. Metrics (stable names): ``test/ece``, ``test/nll``, ``calibration/temperature``,
 ``test/ece_temperature_scaled``, ``test/nll_temperature_scaled``, ``screening/...`` and
 ``shortcut/...`` (see their modules).
@@ -109,6 +110,9 @@ def write_test_report(
     predictions_table(test, class_names).to_csv(out_dir / "predictions.csv", index=False)
     matrix = confusion_matrix(test.targets, test.probs.argmax(axis=1), labels=list(range(len(class_names))))
     plots.confusion_matrix_figure(matrix, class_names, out_dir / "confusion_matrix.png", title)
+    plots.confusion_matrix_figure(
+        matrix, class_names, out_dir / "confusion_matrix_normalised.png", f"{title} (row-normalised)", True
+    )
     plots.roc_figure(test.probs, test.targets, class_names, out_dir / "roc.png")
     absent = [display_name(c) for i, c in enumerate(class_names) if not (test.targets == i).any()]
     if absent:
