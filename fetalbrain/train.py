@@ -1,7 +1,8 @@
 """Train and test one model: ``python -m fetalbrain.train [hydra overrides]`` (configs in ``conf/``).
 
 Fits on the train part, picks the best epoch on validation, tests that checkpoint, and writes the
-run directory: ``config.yaml`` (resolved; ``.hydra/`` has the composed one and the overrides), checkpoints, ``metrics.json``, ``per_class.csv``,
+run directory: ``config.yaml`` (resolved; ``.hydra/`` keeps the composed one and the overrides),
+checkpoints, ``metrics.json``, ``per_class.csv``,
 ``confusion_matrix.png`` and ``predictions.csv``. ``main`` returns the optimised metric so Hydra
 sweepers (grid, Optuna) can use it.
 """
