@@ -11,6 +11,8 @@ os.environ.update(
 )
 
 import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -42,6 +44,20 @@ TINY = [
     "logger=none",
     "callbacks=minimal",
 ]
+
+
+def run_cli(module: str, *arguments: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run ``python -m fetalbrain.<module> ...`` from the repository as a user would; fail on errors."""
+    result = subprocess.run(
+        [sys.executable, "-m", f"fetalbrain.{module}", *arguments],
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
 
 
 def read_split_csv(split: str) -> pd.DataFrame:

@@ -1,16 +1,12 @@
 """The audit finds the dataset's leakage; a 2-model x 3-fold multirun compares into tables and plots."""
 
-import os
-import subprocess
-import sys
-
 import pandas as pd
 import pytest
 
 from fetalbrain.audit import audit
 from fetalbrain.audit import main as audit_main
 from fetalbrain.compare import compare
-from tests.conftest import DATA, ROOT, TINY
+from tests.conftest import DATA, TINY, run_cli
 
 
 def test_audit_finds_the_leakage_and_the_duplicates(tmp_path, capsys):
@@ -49,21 +45,9 @@ def test_audit_lists_unreadable_images_and_goes_on(tmp_path, small_export):
 
 def test_two_models_three_folds_then_compare(tmp_path):
     sweep = tmp_path / "sweep"
-    command = [
-        sys.executable,
-        "-m",
-        "fetalbrain.train",
-        "-m",
-        "model=cnn,separable",
-        "data.fold=0,1,2",
-        "data.num_folds=3",
-        *TINY,
-        f"hydra.sweep.dir={sweep}",
-    ]
-    result = subprocess.run(
-        command, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=900
+    run_cli(
+        "train", "-m", "model=cnn,separable", "data.fold=0,1,2", "data.num_folds=3", *TINY, f"hydra.sweep.dir={sweep}"
     )
-    assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "comparison"
     table = compare([sweep], out, wandb_mode="offline")
     summary = pd.read_csv(out / "comparison.csv")

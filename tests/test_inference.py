@@ -1,8 +1,6 @@
 """Prediction, export and the predict CLI on real images with a checkpoint trained in the test."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +18,7 @@ from fetalbrain.data.images import read_grayscale
 from fetalbrain.export import export
 from fetalbrain.inference import Predictor, latest_checkpoint
 from fetalbrain.predict import predict
-from tests.conftest import CONF, DATA, ROOT, bad_files
+from tests.conftest import CONF, DATA, bad_files, run_cli
 
 REAL = sorted(DATA.glob("test/*.jpg"))[:8]
 
@@ -151,14 +149,7 @@ def test_predict_cli_writes_a_row_per_file_and_lists_failures(trained_checkpoint
 
 def test_export_command_line_and_default_checkpoint(trained_checkpoint, tmp_path):
     out = tmp_path / "cli.onnx"
-    result = subprocess.run(
-        [sys.executable, "-m", "fetalbrain.export", f"ckpt={trained_checkpoint}", f"out={out}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    result = run_cli("export", f"ckpt={trained_checkpoint}", f"out={out}", timeout=300)
     assert out.is_file() and "exported" in result.stdout
     assert latest_checkpoint(trained_checkpoint.parent.parent) == trained_checkpoint
     with pytest.raises(FileNotFoundError, match="no trained run with a checkpoint"):

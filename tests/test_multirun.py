@@ -1,29 +1,21 @@
 """A 2x2 Hydra multirun from the command line: 4 run directories and 4 separate W&B offline runs."""
 
 import json
-import os
-import subprocess
-import sys
 
-from tests.conftest import ROOT, TINY
+from tests.conftest import TINY, run_cli
 
 
 def test_two_by_two_multirun_writes_four_runs(tmp_path):
     sweep_dir = tmp_path / "sweep"
-    command = [
-        sys.executable,
-        "-m",
-        "fetalbrain.train",
+    run_cli(
+        "train",
         "-m",
         "model=cnn,separable",
         "optimizer.lr=0.001,0.0003",
         *[o for o in TINY if not o.startswith("logger=")],
         "logger=wandb",
         f"hydra.sweep.dir={sweep_dir}",
-    ]
-    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    )
     jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit())
     assert [j.name for j in jobs] == ["0", "1", "2", "3"]
     seen = set()
@@ -42,21 +34,15 @@ def test_optuna_search_runs_trials_and_reports_the_best(tmp_path):
     import yaml
 
     sweep_dir = tmp_path / "optuna"
-    command = [
-        sys.executable,
-        "-m",
-        "fetalbrain.train",
+    run_cli(
+        "train",
         "hparams_search=optuna",
         "model=cnn",
         "hydra.sweeper.n_trials=2",
         "hydra.sweeper.sampler.n_startup_trials=1",
         *TINY,
         f"hydra.sweep.dir={sweep_dir}",
-    ]
-    result = subprocess.run(
-        command, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600
     )
-    assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == ["0", "1"]
     best = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
     assert {"optimizer.lr", "optimizer.weight_decay"} <= set(best["best_params"]) and 0 <= best["best_value"] <= 1
