@@ -124,3 +124,15 @@ def test_official_split_and_wandb_offline_run(tmp_path):
     summary, _ = run(tmp_path, "model=cnn", "data/split=official", "logger=wandb")
     assert summary["data"]["split"]["leaked"]["test"]["shared_source"] == 171
     assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 1
+
+
+@pytest.mark.slow
+def test_compiled_training_keeps_checkpoints_loadable(tmp_path):
+    """torch.compile on CPU (~30 s of compilation): checkpoints keep the plain net's parameter names."""
+    _, objects = run(tmp_path, "model=cnn", "model.compile=true")
+    best = objects["trainer"].checkpoint_callback.best_model_path
+    state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+    assert not any("_orig_mod" in key for key in state)
+    batch = next(iter(objects["datamodule"].test_dataloader()))[0]
+    with torch.no_grad():
+        assert load_classifier(best)(batch).shape == (len(batch), 16)
