@@ -7,39 +7,30 @@ from hydra import compose, initialize_config_dir
 from fetalbrain.benchmark import markdown, run
 from tests.conftest import CONF
 
+# Seconds, not minutes: tiny images, two timed steps, no loader workers.
+TINY_BENCHMARK = [
+    "image_sizes=[32]",
+    "batch_size=8",
+    "warmup_steps=1",
+    "steps=2",
+    "latency_repeats=2",
+    "data_batches=2",
+    "data_workers=0",
+    "device=cpu",
+]
+
 
 def test_bf16_autocast_path_runs_on_cpu(tmp_path):
     """The mixed-precision branch used on GPUs (bf16 autocast in training and inference)."""
-    overrides = [
-        "models=[separable]",
-        "image_sizes=[32]",
-        "batch_size=8",
-        "warmup_steps=1",
-        "steps=2",
-        "latency_repeats=2",
-        "data_batches=2",
-        "data_workers=0",
-        "device=cpu",
-        "precision=bf16",
-    ]
     with initialize_config_dir(str(CONF), version_base="1.3"):
-        results = run(compose("benchmark", overrides=overrides), tmp_path)
+        results = run(
+            compose("benchmark", overrides=["models=[separable]", "precision=bf16", *TINY_BENCHMARK]), tmp_path
+        )
     assert results["precision"] == "bf16" and results["models"][0]["train_img_s_bare"] > 0
 
 
 def test_benchmark_reports_models_pipeline_and_targets(tmp_path):
-    overrides = [
-        "models=[cnn,efficientnet_lite0]",
-        "image_sizes=[32]",
-        "batch_size=8",
-        "warmup_steps=1",
-        "steps=2",
-        "latency_repeats=2",
-        "data_batches=2",
-        "data_workers=0",
-        "device=cpu",
-        f"append_to={tmp_path / 'history.md'}",
-    ]
+    overrides = ["models=[cnn,efficientnet_lite0]", *TINY_BENCHMARK, f"append_to={tmp_path / 'history.md'}"]
     with initialize_config_dir(str(CONF), version_base="1.3"):
         bench = compose("benchmark", overrides=overrides)
         results = run(bench, tmp_path)
