@@ -21,11 +21,10 @@ from fetalbrain import PROJECT_ROOT  # noqa: E402
 from fetalbrain.data.classes import display_name  # noqa: E402
 from fetalbrain.data.duplicates import (  # noqa: E402
     DEFAULT_THRESHOLD,
-    content_hash,
-    duplicate_groups,
-    hamming_matrix,
+    duplicate_pairs,
+    fingerprints,
+    merge_groups,
     near_duplicate_pairs,
-    perceptual_hash,
 )
 from fetalbrain.data.images import ImageReadError, read_grayscale  # noqa: E402
 from fetalbrain.data.readers import read_dataset  # noqa: E402
@@ -87,10 +86,9 @@ def audit(root: Path, out: Path, threshold: int = DEFAULT_THRESHOLD, format: str
     counts.index = [display_name(c) for c in counts.index]
     counts.to_csv(out / "class_counts.csv")
 
-    table["content_hash"] = [content_hash(i) for i in images]
+    table["content_hash"], distances = fingerprints(images)
     exact = table[table.duplicated("content_hash", keep=False)].sort_values("content_hash")
     exact[["content_hash", "path", "label", "split"]].to_csv(out / "exact_duplicates.csv", index=False)
-    distances = hamming_matrix(np.array([perceptual_hash(i) for i in images], dtype=np.uint64))
     pairs = near_duplicate_pairs(distances, threshold)
     pair_rows = pd.DataFrame(
         [
@@ -110,7 +108,7 @@ def audit(root: Path, out: Path, threshold: int = DEFAULT_THRESHOLD, format: str
     conflicts = pair_rows[pair_rows["label_a"] != pair_rows["label_b"]] if len(pair_rows) else pair_rows
     conflicts.to_csv(out / "label_conflicts.csv", index=False)
 
-    table["group"] = duplicate_groups(table, images, "case", threshold)
+    table["group"] = merge_groups(table["case"], duplicate_pairs(table["content_hash"], distances, threshold))
     merged = table.groupby("group")["case"].agg(lambda c: sorted(set(c)))
     merged = merged[merged.map(len) > 1]
     table[["path", "label", "split", "source", "case", "group"]].to_csv(out / "groups.csv", index=False)

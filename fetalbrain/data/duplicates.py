@@ -69,15 +69,25 @@ def merge_groups(keys: pd.Series, pairs: list[tuple[int, int, int]]) -> pd.Serie
     return pd.Series(name.to_numpy(), index=keys.index)
 
 
+def fingerprints(images: list[np.ndarray]) -> tuple[list[str], np.ndarray]:
+    """Content hash of every image and the pairwise perceptual-hash distances: computed once."""
+    hashes = np.array([perceptual_hash(image) for image in images], dtype=np.uint64)
+    return [content_hash(image) for image in images], hamming_matrix(hashes)
+
+
+def duplicate_pairs(content_hashes: list[str], distances: np.ndarray, threshold: int) -> list[tuple[int, int, int]]:
+    """Near-duplicate pairs, plus every pixel-identical pair (distance 0) not already among them."""
+    pairs = near_duplicate_pairs(distances, threshold)
+    first_seen: dict[str, int] = {}
+    for index, digest in enumerate(content_hashes):
+        first = first_seen.setdefault(digest, index)
+        if first != index:
+            pairs.append((first, index, 0))
+    return pairs
+
+
 def duplicate_groups(table: pd.DataFrame, images: list[np.ndarray], level: str, threshold: int | None) -> pd.Series:
     """The split group of every row: its ``level`` key merged with exact and near duplicates."""
     if threshold is None:
         return table[level].reset_index(drop=True)
-    hashes = np.array([perceptual_hash(image) for image in images], dtype=np.uint64)
-    pairs = near_duplicate_pairs(hamming_matrix(hashes), threshold)
-    exact: dict[str, int] = {}
-    for index, image in enumerate(images):
-        first = exact.setdefault(content_hash(image), index)
-        if first != index:
-            pairs.append((first, index, 0))
-    return merge_groups(table[level], pairs)
+    return merge_groups(table[level], duplicate_pairs(*fingerprints(images), threshold))
