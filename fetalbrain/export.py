@@ -7,7 +7,6 @@ ckpt=model.onnx`` runs from the ONNX file alone.
 """
 
 import json
-import logging
 from pathlib import Path
 
 import hydra
@@ -15,22 +14,14 @@ import torch
 from omegaconf import DictConfig
 
 from fetalbrain.inference import ONNX_METADATA_KEY, latest_checkpoint, model_card, run_directory
-from fetalbrain.models.classifier import load_classifier
+from fetalbrain.models.classifier import load_classifier, read_checkpoint
 
-log = logging.getLogger(__name__)
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 
 
-def _net_and_example(checkpoint: Path):
-    net = load_classifier(checkpoint).net.eval().to(memory_format=torch.contiguous_format)
-    prep = torch.load(checkpoint, map_location="cpu", weights_only=True)["hyper_parameters"]["preprocessing"]
-    return net, torch.zeros(1, prep["channels"], prep["image_size"], prep["image_size"])
-
-
-def export_onnx(checkpoint: Path, out: Path, opset: int = 17, screening_rule: str = "youden") -> Path:
+def export_onnx(net: torch.nn.Module, example: torch.Tensor, card: dict, out: Path, opset: int = 17) -> Path:
     import onnx
 
-    net, example = _net_and_example(checkpoint)
     torch.onnx.export(
         net,
         (example,),
@@ -42,19 +33,16 @@ def export_onnx(checkpoint: Path, out: Path, opset: int = 17, screening_rule: st
         dynamo=False,
     )
     model = onnx.load(str(out))
-    model.metadata_props.add(key=ONNX_METADATA_KEY, value=json.dumps(model_card(checkpoint, screening_rule)))
+    model.metadata_props.add(key=ONNX_METADATA_KEY, value=json.dumps(card))
     onnx.checker.check_model(model)
     onnx.save(model, str(out))
     return out
 
 
-def export_torchscript(checkpoint: Path, out: Path, screening_rule: str = "youden") -> Path:
-    net, example = _net_and_example(checkpoint)
+def export_torchscript(net: torch.nn.Module, example: torch.Tensor, card: dict, out: Path) -> Path:
     with torch.no_grad():
         traced = torch.jit.trace(net, example)
-    torch.jit.save(
-        traced, str(out), _extra_files={"fetalbrain.json": json.dumps(model_card(checkpoint, screening_rule))}
-    )
+    torch.jit.save(traced, str(out), _extra_files={"fetalbrain.json": json.dumps(card)})
     return out
 
 
@@ -66,9 +54,14 @@ def export(
     if not checkpoint.is_file():
         raise FileNotFoundError(f"ckpt={checkpoint}: no such file")
     out = out or run_directory(checkpoint) / f"model{FORMATS[format]}"
+    state = read_checkpoint(checkpoint)
+    net = load_classifier(state).net.eval().to(memory_format=torch.contiguous_format)
+    prep = state["hyper_parameters"]["preprocessing"]
+    example = torch.zeros(1, prep["channels"], prep["image_size"], prep["image_size"])
+    card = model_card(checkpoint, state, screening_rule)
     if format == "onnx":
-        return export_onnx(checkpoint, out, opset, screening_rule)
-    return export_torchscript(checkpoint, out, screening_rule)
+        return export_onnx(net, example, card, out, opset)
+    return export_torchscript(net, example, card, out)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="export")

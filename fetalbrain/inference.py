@@ -57,9 +57,12 @@ def run_directory(checkpoint: Path) -> Path:
     return checkpoint.resolve().parent.parent
 
 
-def model_card(checkpoint: Path, screening_rule: str = "youden") -> dict:
-    """What a deployed model needs besides weights: classes, preprocessing, evaluation results."""
-    hparams = torch.load(checkpoint, map_location="cpu", weights_only=True)["hyper_parameters"]
+def model_card(checkpoint: Path, state: dict, screening_rule: str = "youden") -> dict:
+    """What a deployed model needs besides weights: classes, preprocessing, evaluation results.
+
+    ``state`` is the checkpoint's contents (``read_checkpoint``); the run's metrics.json is found
+    beside the checkpoint's folder."""
+    hparams = state["hyper_parameters"]
     card = {
         "name": hparams.get("name") or hparams["net"].get("name", "model"),
         "class_names": hparams["class_names"],
@@ -135,10 +138,11 @@ class Predictor:
                 None,
             )
         else:
-            from fetalbrain.models.classifier import load_classifier
+            from fetalbrain.models.classifier import load_classifier, read_checkpoint
 
-            self.card = model_card(self.path, screening_rule)
-            self.session, self.model = None, load_classifier(self.path)
+            state = read_checkpoint(self.path)
+            self.card = model_card(self.path, state, screening_rule)
+            self.session, self.model = None, load_classifier(state)
         self.heatmaps = heatmaps  # an ONNX model cannot make one: each prediction says so
         self.temperature = (self.card.get("temperature") or 1.0) if calibrated else 1.0
         prep = self.card["preprocessing"]

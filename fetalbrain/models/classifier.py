@@ -243,9 +243,14 @@ class Classifier(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "val/loss"}}
 
 
-def load_classifier(checkpoint: str | Path, map_location: str = "cpu") -> Classifier:
-    """Rebuild a trained classifier from its checkpoint alone (weights_only: never runs pickled code)."""
-    state = torch.load(checkpoint, map_location=map_location, weights_only=True)
+def read_checkpoint(checkpoint: str | Path) -> dict:
+    """A checkpoint's contents, read with weights_only: a checkpoint never runs pickled code."""
+    return torch.load(checkpoint, map_location="cpu", weights_only=True)
+
+
+def load_classifier(checkpoint: str | Path | dict) -> Classifier:
+    """Rebuild a trained classifier from its checkpoint alone (a path, or its already-read contents)."""
+    state = checkpoint if isinstance(checkpoint, dict) else read_checkpoint(checkpoint)
     hparams = dict(state["hyper_parameters"])
     net = dict(hparams.pop("net"))
     net.update({k: v for k, v in (("pretrained", False), ("weights", None)) if k in net})
