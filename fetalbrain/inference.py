@@ -18,6 +18,7 @@ from fetalbrain import PROJECT_ROOT
 from fetalbrain.data.classes import NORMAL_CLASS, display_name
 from fetalbrain.data.images import ImageReadError, read_image
 from fetalbrain.data.transforms import build_pipeline, preprocessing
+from fetalbrain.evaluation.calibration import softmax
 from fetalbrain.models.gradcam import grad_cam, overlay
 
 ONNX_METADATA_KEY = "fetalbrain"
@@ -167,9 +168,7 @@ class Predictor:
             return self.model(batch).float().numpy()
 
     def probabilities(self, batch: torch.Tensor) -> np.ndarray:
-        logits = self.logits(batch) / self.temperature
-        logits -= logits.max(axis=1, keepdims=True)
-        return np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+        return softmax(self.logits(batch), self.temperature)
 
     def predict_file(self, path: str | Path, heatmap: bool | None = None) -> Prediction:
         started = time.perf_counter()

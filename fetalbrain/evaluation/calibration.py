@@ -49,8 +49,12 @@ def fit_temperature(probs: np.ndarray, targets: np.ndarray, max_iter: int = 200)
     return float(log_t.exp().item())
 
 
-def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
-    logits = np.log(np.clip(probs, 1e-12, None)) / temperature
-    logits -= logits.max(axis=1, keepdims=True)
-    scaled = np.exp(logits)
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Row-wise softmax of ``logits / temperature``, numerically stable."""
+    scaled = logits / temperature
+    scaled = np.exp(scaled - scaled.max(axis=1, keepdims=True))
     return scaled / scaled.sum(axis=1, keepdims=True)
+
+
+def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
+    return softmax(np.log(np.clip(probs, 1e-12, None)), temperature)
