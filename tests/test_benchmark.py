@@ -20,13 +20,23 @@ TINY_BENCHMARK = [
 ]
 
 
-def test_bf16_autocast_path_runs_on_cpu(tmp_path):
+def test_bf16_autocast_path_runs_on_cpu(tmp_path, monkeypatch):
     """The mixed-precision branch used on GPUs (bf16 autocast in training and inference)."""
+    import torch
+
+    dtypes, real_autocast = [], torch.autocast
+
+    def spy(*args, **kwargs):
+        dtypes.append(kwargs.get("dtype"))
+        return real_autocast(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "autocast", spy)
     with initialize_config_dir(str(CONF), version_base="1.3"):
         results = run(
             compose("benchmark", overrides=["models=[separable]", "precision=bf16", *TINY_BENCHMARK]), tmp_path
         )
     assert results["precision"] == "bf16" and results["models"][0]["train_img_s_bare"] > 0
+    assert dtypes.count(torch.bfloat16) >= 10  # every bare training step and every timed inference call
 
 
 def test_benchmark_reports_models_pipeline_and_targets(tmp_path):
