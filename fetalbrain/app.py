@@ -14,8 +14,9 @@ import hydra
 from omegaconf import DictConfig
 
 from fetalbrain.data.classes import display_name
-from fetalbrain.inference import Prediction, Predictor, available_runs
+from fetalbrain.inference import Prediction, Predictor
 from fetalbrain.predict import predictions_frame
+from fetalbrain.runs import available_runs
 
 DISCLAIMER = (
     "> **Research tool, not a medical device.** Not validated for diagnosis or clinical decisions. "
@@ -41,6 +42,7 @@ class Models:
                     self.cfg.min_confidence,
                     self.cfg.calibrated,
                     screening_rule=self.cfg.screening_rule,
+                    verify=self.cfg.verify,
                 )
             return self._loaded[label]
 
@@ -62,7 +64,7 @@ def describe(predictor: Predictor) -> str:
     metrics = card.get("test_metrics") or {}
     lines = [
         f"**Model** `{card['name']}` · run `{card['run']}` · checkpoint `{card['checkpoint']}` · "
-        f"input {card['preprocessing']['image_size']} px"
+        f"input {card['preprocessing']['image_size']} px · checkpoint integrity: {predictor.integrity}"
     ]
     if metrics:
         lines.append(

@@ -9,7 +9,6 @@ recall, and the confusion matrix of the pooled out-of-fold predictions. Outputs:
 """
 
 import argparse
-import json
 import logging
 import os
 import re
@@ -26,34 +25,26 @@ import yaml  # noqa: E402
 from scipy import stats  # noqa: E402
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score  # noqa: E402
 
+from fetalbrain.evaluation.metrics import COMPARED  # noqa: E402
 from fetalbrain.evaluation.plots import confusion_matrix_figure  # noqa: E402
+from fetalbrain.runs import find_runs, read_summary  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-METRICS = {
-    "test/accuracy": "accuracy",
-    "test/balanced_accuracy": "balanced accuracy",
-    "test/precision_macro": "macro precision",
-    "test/recall_macro": "macro recall",
-    "test/f1_macro": "macro F1",
-    "test/auroc_macro": "macro AUROC",
-    "screening/test_auroc": "screening AUROC",
-    "test/ece": "ECE",
-}
 NOT_A_SETTING = re.compile(
     r"^(data\.fold|seed|hydra\.|ckpt_path|model|data/split|data\.splitter|data\.num_workers|logger)\b"
 )
 
 
-def find_runs(directories: list[Path]) -> list[Path]:
-    runs = sorted({p.parent for d in directories for p in Path(d).rglob("metrics.json")})
+def classification_runs(directories: list[Path]) -> list[Path]:
+    runs = find_runs(directories, task="classification")
     if not runs:
-        raise FileNotFoundError(f"no run directories (with metrics.json) under {', '.join(map(str, directories))}")
+        raise FileNotFoundError(f"no classification runs (with metrics.json) under {', '.join(map(str, directories))}")
     return runs
 
 
 def load_run(run: Path) -> dict:
-    summary = json.loads((run / "metrics.json").read_text())
+    summary = read_summary(run)
     overrides_file = run / ".hydra" / "overrides.yaml"
     overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
     config_file = run / ".hydra" / "config.yaml"
@@ -83,7 +74,7 @@ def label_groups(runs: pd.DataFrame) -> pd.Series:
 def summarise(runs: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for group, members in runs.groupby("group", sort=True):
-        for metric in METRICS:
+        for metric in COMPARED:
             values = members[metric].dropna().to_numpy() if metric in members else np.array([])
             n = len(values)
             mean = values.mean() if n else np.nan
@@ -149,11 +140,11 @@ def slug(text: str) -> str:
 
 
 def markdown_table(summary: pd.DataFrame, pooled: pd.DataFrame) -> str:
-    header = ["group", "runs", *METRICS.values(), "pooled OOF macro F1"]
+    header = ["group", "runs", *COMPARED.values(), "pooled OOF macro F1"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for group, rows in summary.groupby("group", sort=True):
         cells = [group, str(int(rows["n"].max()))]
-        for metric in METRICS:
+        for metric in COMPARED:
             r = rows[rows["metric"] == metric].iloc[0]
             if r["n"] == 0:
                 cells.append("–")
@@ -174,7 +165,7 @@ def comparison_figure(summary: pd.DataFrame, path: Path) -> None:
     for k, metric in enumerate(shown):
         rows = summary[summary["metric"] == metric].set_index("group").loc[groups]
         error = np.nan_to_num(rows["mean"] - rows["ci95_low"])
-        ax.bar(np.arange(len(groups)) + k * width, rows["mean"], width, yerr=error, capsize=3, label=METRICS[metric])
+        ax.bar(np.arange(len(groups)) + k * width, rows["mean"], width, yerr=error, capsize=3, label=COMPARED[metric])
     ax.set_xticks(np.arange(len(groups)) + width * (len(shown) - 1) / 2, groups, rotation=20, ha="right", fontsize=8)
     ax.set_ylim(0, 1)
     ax.set_ylabel("test score (mean, 95% CI over runs)")
@@ -197,7 +188,7 @@ def log_to_wandb(table: pd.DataFrame, figure: Path, mode: str, project: str, out
 
 
 def compare(directories: list[Path], out: Path, wandb_mode: str | None = None, project: str = "fetalbrain") -> str:
-    runs = pd.DataFrame([load_run(r) for r in find_runs(directories)])
+    runs = pd.DataFrame([load_run(r) for r in classification_runs(directories)])
     runs["group"] = label_groups(runs)
     out.mkdir(parents=True, exist_ok=True)
     summary = summarise(runs)

@@ -13,8 +13,10 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from fetalbrain.inference import ONNX_METADATA_KEY, latest_checkpoint, model_card, run_directory
+from fetalbrain.card import verify_checkpoint
+from fetalbrain.inference import ONNX_METADATA_KEY, model_card
 from fetalbrain.models.classifier import load_classifier, read_checkpoint
+from fetalbrain.runs import latest_checkpoint, run_directory
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 
@@ -47,13 +49,19 @@ def export_torchscript(net: torch.nn.Module, example: torch.Tensor, card: dict, 
 
 
 def export(
-    checkpoint: Path, format: str = "onnx", out: Path | None = None, opset: int = 17, screening_rule: str = "youden"
+    checkpoint: Path,
+    format: str = "onnx",
+    out: Path | None = None,
+    opset: int = 17,
+    screening_rule: str = "youden",
+    verify: bool = True,
 ) -> Path:
     if format not in FORMATS:
         raise ValueError(f"format={format!r}: choose one of {', '.join(FORMATS)}")
     if not checkpoint.is_file():
         raise FileNotFoundError(f"ckpt={checkpoint}: no such file")
     out = out or run_directory(checkpoint) / f"model{FORMATS[format]}"
+    verify_checkpoint(checkpoint, verify)
     state = read_checkpoint(checkpoint)
     net = load_classifier(state).net.eval().to(memory_format=torch.contiguous_format)
     prep = state["hyper_parameters"]["preprocessing"]
@@ -67,7 +75,7 @@ def export(
 @hydra.main(version_base="1.3", config_path="../conf", config_name="export")
 def main(cfg: DictConfig) -> None:
     checkpoint = Path(cfg.ckpt) if cfg.ckpt else latest_checkpoint(Path(cfg.paths.log_dir))
-    out = export(checkpoint, cfg.format, Path(cfg.out) if cfg.out else None, cfg.opset, cfg.screening_rule)
+    out = export(checkpoint, cfg.format, Path(cfg.out) if cfg.out else None, cfg.opset, cfg.screening_rule, cfg.verify)
     print(f"exported {checkpoint} -> {out}")
 
 

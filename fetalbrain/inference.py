@@ -14,22 +14,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fetalbrain import PROJECT_ROOT
+from fetalbrain.card import verify_checkpoint
 from fetalbrain.data.classes import NORMAL_CLASS, display_name
 from fetalbrain.data.images import ImageReadError, read_image
 from fetalbrain.data.transforms import build_pipeline, preprocessing
 from fetalbrain.evaluation.calibration import softmax
+from fetalbrain.evaluation.metrics import SHOWN
 from fetalbrain.models.gradcam import grad_cam, overlay
+from fetalbrain.runs import SUMMARY_FILE, read_summary, run_directory
 
 ONNX_METADATA_KEY = "fetalbrain"
-SHOWN_METRICS = (
-    "test/accuracy",
-    "test/balanced_accuracy",
-    "test/f1_macro",
-    "test/auroc_macro",
-    "screening/test_auroc",
-    "test/ece",
-)
 
 
 @dataclass
@@ -53,11 +47,6 @@ class Prediction:
         return self.abnormal_probability >= self.screening_threshold
 
 
-def run_directory(checkpoint: Path) -> Path:
-    """Checkpoints live in ``<run>/checkpoints/``."""
-    return checkpoint.resolve().parent.parent
-
-
 def model_card(checkpoint: Path, state: dict, screening_rule: str = "youden") -> dict:
     """What a deployed model needs besides weights: classes, preprocessing, evaluation results.
 
@@ -74,44 +63,19 @@ def model_card(checkpoint: Path, state: dict, screening_rule: str = "youden") ->
         "screening_threshold": None,
         "temperature": None,
     }
-    metrics_file = run_directory(checkpoint) / "metrics.json"
-    if metrics_file.is_file():
-        metrics = json.loads(metrics_file.read_text())["metrics"]
-        card["test_metrics"] = {k: metrics[k] for k in SHOWN_METRICS if k in metrics}
+    if (run_directory(checkpoint) / SUMMARY_FILE).is_file():
+        metrics = read_summary(run_directory(checkpoint))["metrics"]
+        card["test_metrics"] = {k: metrics[k] for k in SHOWN if k in metrics}
         card["screening_threshold"] = metrics.get(f"screening/{screening_rule}/threshold")
         card["temperature"] = metrics.get("calibration/temperature")
     return card
 
 
-def available_runs(log_dir: Path = PROJECT_ROOT / "outputs") -> list[dict]:
-    """Finished runs with a best checkpoint on disk, newest first."""
-    runs = []
-    for metrics_file in Path(log_dir).rglob("metrics.json"):
-        summary = json.loads(metrics_file.read_text())
-        checkpoint = Path(summary["run"].get("best_checkpoint") or "")
-        if checkpoint.is_file():
-            runs.append(
-                {
-                    "run_dir": metrics_file.parent,
-                    "checkpoint": checkpoint,
-                    "model": summary["run"]["model"],
-                    "modified": metrics_file.stat().st_mtime,
-                }
-            )
-    return sorted(runs, key=lambda r: r["modified"], reverse=True)
-
-
-def latest_checkpoint(log_dir: Path = PROJECT_ROOT / "outputs") -> Path:
-    runs = available_runs(log_dir)
-    if not runs:
-        raise FileNotFoundError(
-            f"no trained run with a checkpoint under {log_dir}: train one (make train) or pass ckpt=PATH"
-        )
-    return runs[0]["checkpoint"]
-
-
 class Predictor:
-    """Load once, predict many. ``model_path``: a Lightning checkpoint (.ckpt) or an ONNX export."""
+    """Load once, predict many. ``model_path``: a Lightning checkpoint (.ckpt) or an ONNX export.
+
+    A checkpoint whose run has a model card must match the SHA256 recorded there (``verify=False``
+    skips the check)."""
 
     def __init__(
         self,
@@ -121,11 +85,13 @@ class Predictor:
         max_colourfulness: float = 8.0,
         screening_rule: str = "youden",
         heatmaps: bool = True,
+        verify: bool = True,
     ):
         self.path = Path(model_path)
         if not self.path.is_file():
             raise FileNotFoundError(f"ckpt={model_path}: no such file")
         self.min_confidence, self.max_colourfulness = min_confidence, max_colourfulness
+        self.integrity = "not checked (ONNX export)"
         if self.path.suffix == ".onnx":
             import onnx
             import onnxruntime
@@ -141,6 +107,7 @@ class Predictor:
         else:
             from fetalbrain.models.classifier import load_classifier, read_checkpoint
 
+            self.integrity = verify_checkpoint(self.path, verify)  # a changed checkpoint is refused here
             state = read_checkpoint(self.path)
             self.card = model_card(self.path, state, screening_rule)
             self.session, self.model = None, load_classifier(state)

@@ -13,7 +13,8 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from fetalbrain.data.images import DICOM_EXTENSIONS, IMAGE_EXTENSIONS
-from fetalbrain.inference import Prediction, Predictor, latest_checkpoint
+from fetalbrain.inference import Prediction, Predictor
+from fetalbrain.runs import latest_checkpoint
 
 
 def input_files(inputs: Path) -> list[Path]:
@@ -49,7 +50,12 @@ def predictions_frame(predictions: list[Prediction]) -> pd.DataFrame:
 def predict(cfg: DictConfig) -> pd.DataFrame:
     checkpoint = Path(cfg.ckpt) if cfg.ckpt else latest_checkpoint(Path(cfg.paths.log_dir))
     predictor = Predictor(
-        checkpoint, cfg.min_confidence, cfg.calibrated, screening_rule=cfg.screening_rule, heatmaps=bool(cfg.heatmaps)
+        checkpoint,
+        cfg.min_confidence,
+        cfg.calibrated,
+        screening_rule=cfg.screening_rule,
+        heatmaps=bool(cfg.heatmaps),
+        verify=cfg.verify,
     )
     files = input_files(Path(cfg.inputs))
     if not files:

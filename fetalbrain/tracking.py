@@ -9,6 +9,7 @@ import logging
 import netrc
 import os
 import socket
+import sys
 from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import WandbLogger
@@ -59,3 +60,19 @@ def wandb_logger(mode: str = "auto", log_model: bool = False, **kwargs) -> Wandb
         log.warning("W&B: log_model needs online mode; checkpoints stay in the run directory")
         log_model = False
     return WandbLogger(mode=mode, log_model=log_model, **kwargs)
+
+
+def log_report(loggers, report) -> None:
+    """A run's end-of-run report to W&B, once: its metrics and figures (a ``runs.Report``)."""
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            logger.log_metrics(report.metrics)
+            for key, path in report.figures.items():
+                logger.log_image(key=key, images=[str(path)])
+
+
+def finish_tracking() -> None:
+    """Close the W&B run so that each job of a multirun becomes its own run."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()

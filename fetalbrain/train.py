@@ -1,26 +1,26 @@
-"""Train and test one model: ``python -m fetalbrain.train [hydra overrides]`` (configs in ``conf/``).
+"""Train one model: ``python -m fetalbrain.train [hydra overrides]`` (configs in ``conf/``).
 
-Fits on the train part, picks the best epoch on validation, tests that checkpoint, and writes the
-run directory: ``config.yaml`` (resolved; ``.hydra/`` keeps the composed one and the overrides),
-checkpoints, ``metrics.json``, ``per_class.csv``,
-``confusion_matrix.png`` and ``predictions.csv``. ``main`` returns the optimised metric so Hydra
-sweepers (grid, Optuna) can use it.
+Task-agnostic: the model config names the LightningModule (a classifier, the WGAN-GP generator),
+the same data, trainer, callbacks and loggers serve every task, and after ``fit`` the module writes
+its own report (``model.report``: a classifier tests its best checkpoint). Every run directory
+gets ``config.yaml`` (resolved; ``.hydra/`` keeps the composed one and the overrides), checkpoints,
+``metrics.json`` and a model card (see ``fetalbrain.runs``). ``main`` returns the optimised metric
+so Hydra sweepers (grid, Optuna) can use it.
 """
 
 import logging
-import sys
 import time
 from pathlib import Path
 
 import hydra
 import lightning as L
-import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
-from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from fetalbrain.evaluation.report import Predictions, write_json, write_test_report
+from fetalbrain.card import write_model_card
+from fetalbrain.runs import SUMMARY_FILE, run_summary, write_json
+from fetalbrain.tracking import finish_tracking, log_report
 
 log = logging.getLogger(__name__)
 
@@ -30,17 +30,22 @@ def instantiate_group(group: DictConfig | None) -> list:
     return [instantiate(entry) for entry in (group or {}).values() if entry and "_target_" in entry]
 
 
-def build(cfg: DictConfig):
-    """Data module (set up), model, trainer: everything a run needs, from the config alone."""
-    datamodule = instantiate(cfg.data)
-    datamodule.setup("fit")
-    model = instantiate(
+def build_model(cfg: DictConfig, datamodule) -> L.LightningModule:
+    """The model config's LightningModule, given what every task needs from the (set-up) data."""
+    return instantiate(
         cfg.model,
         class_names=datamodule.class_names,
         preprocessing=datamodule.preprocessing_config(),
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
     )
+
+
+def build(cfg: DictConfig):
+    """Data module (set up), model, trainer: everything a run needs, from the config alone."""
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    model = build_model(cfg, datamodule)
     loggers = instantiate_group(cfg.get("logger"))
     callbacks = [
         c for c in instantiate_group(cfg.get("callbacks")) if loggers or not isinstance(c, LearningRateMonitor)
@@ -52,7 +57,7 @@ def build(cfg: DictConfig):
 
 
 def train(cfg: DictConfig) -> tuple[dict, dict]:
-    """Fit, test the best checkpoint, write the report. Returns (metrics, objects)."""
+    """Fit, write the task's report, the summary and the model card. Returns (summary, objects)."""
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
@@ -64,71 +69,17 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     train_seconds = time.perf_counter() - started
     fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
 
-    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-    if not best:
-        log.warning("No best checkpoint (no checkpoint callback or no validation): testing the last weights")
-    trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
-    metrics = {**fit_metrics, **{k: float(v) for k, v in trainer.callback_metrics.items()}}
-
-    # The test loader is not shuffled: predictions follow the table (a limit_test_batches run
-    # predicts only its first rows). Validation predictions (best weights) choose thresholds.
-    test = Predictions(model.test_results["probs"].numpy(), model.test_results["targets"].numpy())
-    test.paths = list(datamodule.part_table("test")["path"])[: len(test.targets)]
-    val = Predictions(*(t.numpy() for t in model.predict_proba(datamodule.val_dataloader())))
-    options = cfg.evaluation
-    report_metrics, notes = write_test_report(
-        output_dir,
-        val,
-        test,
-        datamodule.class_names,
-        title=f"{cfg.model.get('name', '')} test, split {cfg.data.splitter}",
-        calibration_bins=options.calibration_bins,
-        temperature_scaling=options.temperature_scaling,
-        min_sensitivity=options.screening_min_sensitivity,
-        shortcut_data=(datamodule.part_images("train"), datamodule.part_images("test"))
-        if options.shortcut_check
-        else None,
-    )
-    metrics.update(report_metrics)
-    for note in notes:
+    report = model.report(trainer, datamodule, output_dir, cfg.evaluation)
+    metrics = {**fit_metrics, **{k: float(v) for k, v in trainer.callback_metrics.items()}, **report.metrics}
+    for note in report.notes:
         log.warning("Report: %s", note)
-    summary = {
-        "metrics": dict(sorted(metrics.items())),
-        "run": {
-            "model": cfg.model.get("name"),
-            "net": cfg.model.net.get("name", cfg.model.net._target_),
-            "pretrained_source": getattr(model.net, "pretrained_source", "none"),
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "image_size": cfg.data.image_size,
-            "epochs_trained": trainer.current_epoch,
-            "max_epochs": cfg.trainer.max_epochs,
-            "train_seconds": round(train_seconds, 1),
-            "best_checkpoint": best,
-            "device": str(trainer.strategy.root_device),
-            "torch_threads": torch.get_num_threads(),
-            "seed": cfg.get("seed"),
-        },
-        "data": datamodule.data_summary(),
-        "classes": datamodule.class_names,
-        "notes": notes,
-    }
-    write_json(output_dir / "metrics.json", summary)
-    for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger):  # once, at test end
-            logger.log_metrics(report_metrics)
-            for figure in ("confusion_matrix", "roc", "screening_roc", "reliability"):
-                if (output_dir / f"{figure}.png").is_file():
-                    logger.log_image(key=f"test/{figure}", images=[str(output_dir / f"{figure}.png")])
+    summary = run_summary(cfg, model, trainer, datamodule, metrics, report.notes, train_seconds)
+    write_json(output_dir / SUMMARY_FILE, summary)
+    write_model_card(output_dir)
+    log_report(trainer.loggers, report)
     log.info("Test: %s", {k: round(v, 4) for k, v in metrics.items() if k.startswith("test/")})
     log.info("Run directory: %s", output_dir)
     return summary, {"datamodule": datamodule, "model": model, "trainer": trainer}
-
-
-def finish_tracking() -> None:
-    """Close the W&B run so that each job of a multirun becomes its own run."""
-    wandb = sys.modules.get("wandb")
-    if wandb is not None and wandb.run is not None:
-        wandb.finish()
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")

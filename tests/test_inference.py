@@ -1,6 +1,7 @@
 """Prediction, export and the predict CLI on real images with a checkpoint trained in the test."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +17,9 @@ from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, ge
 from fetalbrain.data.classes import DISPLAY_NAMES
 from fetalbrain.data.images import read_grayscale
 from fetalbrain.export import export
-from fetalbrain.inference import Predictor, latest_checkpoint
+from fetalbrain.inference import Predictor
 from fetalbrain.predict import predict
+from fetalbrain.runs import latest_checkpoint
 from tests.conftest import CONF, DATA, bad_files, run_cli
 
 REAL = sorted(DATA.glob("test/*.jpg"))[:8]
@@ -154,3 +156,21 @@ def test_export_command_line_and_default_checkpoint(trained_checkpoint, tmp_path
     assert latest_checkpoint(trained_checkpoint.parent.parent) == trained_checkpoint
     with pytest.raises(FileNotFoundError, match="no trained run with a checkpoint"):
         latest_checkpoint(tmp_path)
+
+
+def test_a_changed_checkpoint_is_refused_unless_verification_is_off(trained_checkpoint, tmp_path):
+    from fetalbrain.card import CheckpointIntegrityError
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_checkpoint.parent.parent, run)
+    checkpoint = run / "checkpoints" / trained_checkpoint.name
+    assert Predictor(checkpoint).integrity == "verified"
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    first = next(iter(state["state_dict"]))
+    state["state_dict"][first] = state["state_dict"][first] + 0.01  # a tampered or corrupted weight
+    torch.save(state, checkpoint)
+    with pytest.raises(CheckpointIntegrityError, match=f"{checkpoint.name}.*verify=false"):
+        Predictor(checkpoint)
+    with pytest.raises(CheckpointIntegrityError):
+        export(checkpoint, "onnx", tmp_path / "model.onnx")
+    assert Predictor(checkpoint, verify=False).integrity == "skipped"

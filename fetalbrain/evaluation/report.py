@@ -1,4 +1,4 @@
-"""The test report every run writes into its directory, and the metrics it adds to metrics.json.
+"""The test report every classification run writes into its directory, and the metrics it adds.
 
 Files: per_class.csv, confusion_matrix.png (counts), confusion_matrix_normalised.png, roc.png,
 screening_roc.png, reliability.png,
@@ -7,7 +7,7 @@ predictions.csv. Metrics (stable names): ``test/ece``, ``test/nll``, ``calibrati
 ``shortcut/...`` (see their modules).
 """
 
-import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +19,10 @@ from fetalbrain.data.classes import NORMAL_CLASS, display_name
 from fetalbrain.evaluation import calibration, plots
 from fetalbrain.evaluation.screening import abnormal_scores, both_classes, screening_metrics
 from fetalbrain.evaluation.shortcut import shortcut_metrics
+from fetalbrain.runs import Report
+
+log = logging.getLogger(__name__)
+FIGURES = ("confusion_matrix", "roc", "screening_roc", "reliability")  # logged to W&B once, at test end
 
 
 @dataclass
@@ -138,5 +142,31 @@ def write_test_report(
     return metrics, notes
 
 
-def write_json(path: Path, payload: dict) -> None:
-    path.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+def classification_report(model, trainer, datamodule, run_dir: Path, options) -> Report:
+    """Test the best checkpoint (the last weights if there is none) and write the test report.
+
+    The test metrics land in ``trainer.callback_metrics``; the report returns the ones it adds."""
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    if not best:
+        log.warning("No best checkpoint (no checkpoint callback or no validation): testing the last weights")
+    trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
+    # The test loader is not shuffled: predictions follow the table (a limit_test_batches run
+    # predicts only its first rows). Validation predictions (best weights) choose thresholds.
+    test = Predictions(model.test_results["probs"].numpy(), model.test_results["targets"].numpy())
+    test.paths = list(datamodule.part_table("test")["path"])[: len(test.targets)]
+    val = Predictions(*(t.numpy() for t in model.predict_proba(datamodule.val_dataloader())))
+    report_metrics, notes = write_test_report(
+        run_dir,
+        val,
+        test,
+        datamodule.class_names,
+        title=f"{model.hparams.name} test, split {datamodule.hparams.splitter}",
+        calibration_bins=options.calibration_bins,
+        temperature_scaling=options.temperature_scaling,
+        min_sensitivity=options.screening_min_sensitivity,
+        shortcut_data=(datamodule.part_images("train"), datamodule.part_images("test"))
+        if options.shortcut_check
+        else None,
+    )
+    figures = {f"test/{name}": run_dir / f"{name}.png" for name in FIGURES if (run_dir / f"{name}.png").is_file()}
+    return Report(report_metrics, notes, figures)

@@ -1,6 +1,5 @@
 """The one LightningModule for classification: any net, cross-entropy, per-stage metric collections."""
 
-import warnings
 from functools import partial
 from pathlib import Path
 
@@ -10,75 +9,17 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from torchmetrics import MaxMetric, Metric, MetricCollection
-from torchmetrics.classification import (
-    MulticlassAccuracy,
-    MulticlassAUROC,
-    MulticlassF1Score,
-    MulticlassPrecision,
-    MulticlassRecall,
-)
-from torchmetrics.utilities import dim_zero_cat
+from torchmetrics import MaxMetric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
 
-
-class BalancedAccuracy(Metric):
-    """Mean recall over the classes present in the targets (sklearn's definition).
-
-    Unlike macro recall it ignores classes that are only predicted, never present: grouped splits
-    leave rare classes out of a part, and they should not count as zero.
-    """
-
-    full_state_update = False
-
-    def __init__(self, num_classes: int):
-        super().__init__()
-        self.num_classes = num_classes
-        self.add_state("correct", torch.zeros(num_classes), dist_reduce_fx="sum")
-        self.add_state("support", torch.zeros(num_classes), dist_reduce_fx="sum")
-
-    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
-        predicted = preds.argmax(dim=1) if preds.ndim == 2 else preds
-        self.support += torch.bincount(target, minlength=self.num_classes).float()
-        self.correct += torch.bincount(target[predicted == target], minlength=self.num_classes).float()
-
-    def compute(self) -> torch.Tensor:
-        present = self.support > 0
-        return (self.correct[present] / self.support[present]).mean()
-
-
-class MacroAUROC(MulticlassAUROC):
-    """Macro one-vs-rest AUROC over the classes present in the targets.
-
-    torchmetrics' own macro average counts a class absent from the targets as AUROC 0, which
-    drags the mean down whenever a grouped split leaves a rare class out of a part.
-    """
-
-    def __init__(self, num_classes: int):
-        super().__init__(num_classes=num_classes, average="none")
-
-    def compute(self) -> torch.Tensor:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="No positive samples in targets")
-            per_class = super().compute()
-        present = torch.bincount(dim_zero_cat(self.target), minlength=self.num_classes) > 0
-        return per_class[present].mean()
-
-
-def classification_metrics(num_classes: int) -> MetricCollection:
-    macro = dict(num_classes=num_classes, average="macro")
-    return MetricCollection(
-        {
-            "accuracy": MulticlassAccuracy(num_classes=num_classes, average="micro"),
-            "balanced_accuracy": BalancedAccuracy(num_classes),
-            "precision_macro": MulticlassPrecision(**macro),
-            "recall_macro": MulticlassRecall(**macro),
-            "f1_macro": MulticlassF1Score(**macro),
-            "auroc_macro": MacroAUROC(num_classes),
-        }
-    )
+from fetalbrain.evaluation.metrics import classification_metrics
+from fetalbrain.evaluation.report import classification_report
+from fetalbrain.runs import Report
 
 
 class Classifier(L.LightningModule):
+    task = "classification"
+
     def __init__(
         self,
         net: dict | DictConfig,
@@ -227,6 +168,10 @@ class Classifier(L.LightningModule):
             probs.append(self(images.to(self.device)).float().softmax(dim=1).cpu())
             targets.append(torch.as_tensor(target))
         return torch.cat(probs), torch.cat(targets)
+
+    def report(self, trainer, datamodule, run_dir: Path, options) -> Report:
+        """The task's end-of-run report: test the best checkpoint, write the classification report."""
+        return classification_report(self, trainer, datamodule, run_dir, options)
 
     def configure_optimizers(self):
         if self.optimizer_factory is None:

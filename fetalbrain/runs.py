@@ -1,0 +1,110 @@
+"""The run directory: one home for what a training run writes, and for finding runs again.
+
+``<run>/`` holds ``config.yaml`` (resolved), ``.hydra/``, ``checkpoints/``, ``metrics.json`` (the
+summary: metrics, run facts, data and split, notes), ``model_card.md``/``.json`` and the task's
+report files. ``predict``, ``export``, ``generate``, ``compare`` and the GUI find runs here.
+"""
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from fetalbrain import PROJECT_ROOT
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.yaml"
+SUMMARY_FILE = "metrics.json"
+CHECKPOINT_DIR = "checkpoints"
+DEFAULT_LOG_DIR = PROJECT_ROOT / "outputs"
+TASKS = ("classification", "generation")
+
+
+@dataclass
+class Report:
+    """What a task's end-of-run report returns: metrics for metrics.json, notes, figures for the loggers."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    figures: dict[str, Path] = field(default_factory=dict)  # logger key -> PNG in the run directory
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def run_directory(checkpoint: str | Path) -> Path:
+    """Checkpoints live in ``<run>/checkpoints/``."""
+    return Path(checkpoint).resolve().parent.parent
+
+
+def read_summary(run_dir: str | Path) -> dict:
+    path = Path(run_dir) / SUMMARY_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir}: not a run directory (no {SUMMARY_FILE})")
+    return json.loads(path.read_text())
+
+
+def task_of(summary: dict) -> str:
+    return summary.get("run", {}).get("task", "classification")  # runs from before the task key classify
+
+
+def find_runs(directories, task: str | None = None) -> list[Path]:
+    """Run directories (those with a metrics.json) under the given folders, of one task if given."""
+    runs = sorted({p.parent for d in directories for p in Path(d).rglob(SUMMARY_FILE)})
+    return [r for r in runs if task is None or task_of(read_summary(r)) == task]
+
+
+def available_runs(log_dir: str | Path = DEFAULT_LOG_DIR, task: str = "classification") -> list[dict]:
+    """Finished runs of a task with their best checkpoint on disk, newest first."""
+    runs = []
+    for run_dir in find_runs([log_dir], task):
+        summary = read_summary(run_dir)
+        checkpoint = Path(summary["run"].get("best_checkpoint") or "")
+        if checkpoint.is_file():
+            modified = (run_dir / SUMMARY_FILE).stat().st_mtime
+            runs.append(
+                {"run_dir": run_dir, "checkpoint": checkpoint, "model": summary["run"]["model"], "modified": modified}
+            )
+    return sorted(runs, key=lambda r: r["modified"], reverse=True)
+
+
+def latest_checkpoint(log_dir: str | Path = DEFAULT_LOG_DIR, task: str = "classification") -> Path:
+    runs = available_runs(log_dir, task)
+    if not runs:
+        raise FileNotFoundError(
+            f"no trained run with a checkpoint under {log_dir} (a {task} run is needed): train one or pass ckpt=PATH"
+        )
+    return runs[0]["checkpoint"]
+
+
+def run_summary(cfg: DictConfig, model, trainer, datamodule, metrics: dict, notes: list[str], seconds: float) -> dict:
+    """The metrics.json of a run: every number under stable names and the facts needed to trust them."""
+    import torch  # here, not at the top: commands that only read runs (card, compare) start faster
+
+    checkpoint = trainer.checkpoint_callback
+    net = cfg.model.get("net")
+    return {
+        "metrics": dict(sorted(metrics.items())),
+        "run": {
+            "task": model.task,
+            "model": cfg.model.get("name"),
+            "net": (net.get("name", net.get("_target_")) if net else cfg.model.get("_target_")),
+            "pretrained_source": getattr(getattr(model, "net", None), "pretrained_source", "none"),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "image_size": cfg.data.image_size,
+            "epochs_trained": trainer.current_epoch,
+            "max_epochs": cfg.trainer.max_epochs,
+            "train_seconds": round(seconds, 1),
+            "best_checkpoint": (checkpoint.best_model_path or checkpoint.last_model_path) if checkpoint else "",
+            "device": str(trainer.strategy.root_device),
+            "torch_threads": torch.get_num_threads(),
+            "seed": cfg.get("seed"),
+        },
+        "data": datamodule.data_summary(),
+        "classes": datamodule.class_names,
+        "notes": notes,
+    }
