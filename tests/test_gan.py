@@ -1,0 +1,280 @@
+"""The class-conditional WGAN-GP: penalty maths, the n_critic schedule, bf16, divergence, sampling, checkpoints."""
+
+import math
+from functools import partial
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from lightning.pytorch.loggers import WandbLogger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from fetalbrain.models.gan import (
+    ConditionalWGANGP,
+    Critic,
+    GANDivergedError,
+    Generator,
+    ema_with_warmup,
+    gradient_penalty,
+    load_gan,
+)
+
+CLASSES = ["normal", "arachnoid-cyst", "encephalocele"]
+PREPROCESSING = {"image_size": 32, "channels": 1, "mean": 0.4, "std": 0.25, "denoise": "none", "clahe": False}
+ADAM = partial(torch.optim.Adam, lr=1e-4, betas=(0.0, 0.9))
+
+
+def tiny_gan(**overrides) -> ConditionalWGANGP:
+    options = dict(latent_dim=16, generator_width=8, critic_width=8, n_critic=2, samples_per_class=3)
+    return ConditionalWGANGP(CLASSES, PREPROCESSING, optimizer=ADAM, **{**options, **overrides})
+
+
+def loader(batches: int, batch_size: int = 8, seed: int = 0) -> DataLoader:
+    """Random images in [0, 1], normalised as the DataModule does, with every class present."""
+    generator = torch.Generator().manual_seed(seed)
+    count = batches * batch_size
+    images = (torch.rand(count, 1, 32, 32, generator=generator) - PREPROCESSING["mean"]) / PREPROCESSING["std"]
+    return DataLoader(TensorDataset(images, torch.arange(count) % len(CLASSES)), batch_size=batch_size)
+
+
+def fit(model, tmp_path, batches: int, **trainer_options) -> L.Trainer:
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        limit_train_batches=batches,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        **trainer_options,
+    )
+    trainer.fit(model, train_dataloaders=loader(batches))
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny fit shared by the tests that need trained weights: 6 batches, n_critic = 2."""
+    tmp_path = tmp_path_factory.mktemp("gan_run")
+    L.seed_everything(0)
+    model = tiny_gan()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = fit(model, tmp_path, batches=6)
+    return SimpleNamespace(model=model, trainer=trainer, before=before, run_dir=tmp_path)
+
+
+# ---- the penalty ---------------------------------------------------------------------------------
+class LinearCritic(nn.Module):
+    """D(x, y) = <w, x> + b_y: the gradient w.r.t. x is w everywhere, so GP = (‖w‖ − 1)²."""
+
+    def __init__(self, w: torch.Tensor, num_classes: int = 3):
+        super().__init__()
+        self.w = nn.Parameter(w.flatten().clone())
+        self.bias = nn.Embedding(num_classes, 1)
+
+    def forward(self, x, labels):
+        return x.flatten(1) @ self.w + self.bias(labels).squeeze(1)
+
+
+def test_gradient_penalty_matches_its_analytic_value_for_a_linear_critic():
+    w = torch.zeros(1, 4, 4)
+    w[0, 0, :2] = torch.tensor([3.0, 4.0])  # ‖w‖ = 5 → GP = 16
+    critic = LinearCritic(w)
+    real, fake = torch.randn(6, 1, 4, 4), torch.randn(6, 1, 4, 4)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    penalty = gradient_penalty(critic, real, fake, labels)
+    assert penalty.item() == pytest.approx(16.0, rel=1e-5)
+    penalty.backward()  # the double backward reaches the critic's weights: d/dw (‖w‖−1)² = 2(‖w‖−1) w/‖w‖
+    assert torch.allclose(critic.w.grad, 2 * (5 - 1) * critic.w.detach() / 5, atol=1e-4)
+
+    unit = LinearCritic(w / 5)
+    assert gradient_penalty(unit, real, fake, labels).item() == pytest.approx(0.0, abs=1e-8)
+
+
+def test_gradient_penalty_runs_in_fp32_under_bf16_autocast():
+    critic = Critic(num_classes=3, width=8, image_size=32)
+    real, fake = torch.rand(4, 1, 32, 32) * 2 - 1, torch.rand(4, 1, 32, 32) * 2 - 1
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        assert critic.features[0](real).dtype == torch.bfloat16  # autocast is really on
+        penalty = gradient_penalty(critic, real, fake.bfloat16(), torch.arange(4) % 3)
+    assert penalty.dtype == torch.float32 and torch.isfinite(penalty)
+    penalty.backward()
+    assert all(torch.isfinite(p.grad).all() for p in critic.parameters() if p.grad is not None)
+
+
+# ---- the networks and the configuration checks ---------------------------------------------------
+@pytest.mark.parametrize("size", [32, 64])
+def test_networks_shapes_and_range(size):
+    generator = Generator(num_classes=4, latent_dim=16, width=8, image_size=size)
+    images = generator(torch.randn(5, 16), torch.tensor([0, 1, 2, 3, 0]))
+    assert images.shape == (5, 1, size, size) and images.abs().max() <= 1
+    critic = Critic(num_classes=4, width=8, image_size=size)
+    assert critic(images, torch.tensor([0, 1, 2, 3, 0])).shape == (5,)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in critic.modules())
+
+
+@pytest.mark.parametrize("size", [48, 16, 512])
+def test_bad_image_size_names_the_key(size):
+    with pytest.raises(ValueError, match="data.image_size"):
+        Generator(3, image_size=size)
+    with pytest.raises(ValueError, match="data.image_size"):
+        ConditionalWGANGP(CLASSES, {**PREPROCESSING, "image_size": size}, optimizer=ADAM)
+
+
+def test_bad_configuration_is_refused():
+    with pytest.raises(ValueError, match="data.channels"):
+        ConditionalWGANGP(CLASSES, {**PREPROCESSING, "channels": 3}, optimizer=ADAM)
+    with pytest.raises(ValueError, match="set scheduler=none"):
+        ConditionalWGANGP(CLASSES, PREPROCESSING, optimizer=ADAM, scheduler=partial(torch.optim.lr_scheduler.StepLR))
+    with pytest.raises(ValueError, match="no optimizer"):
+        ConditionalWGANGP(CLASSES, PREPROCESSING).configure_optimizers()
+
+
+def test_critic_learning_rate_factor():
+    generator, critic = tiny_gan(critic_lr_factor=4.0).configure_optimizers()
+    assert generator.param_groups[0]["lr"] == 1e-4 and critic.param_groups[0]["lr"] == pytest.approx(4e-4)
+    assert generator.param_groups[0]["betas"] == (0.0, 0.9)
+
+
+def test_batches_are_mapped_back_to_the_generator_range():
+    model = tiny_gan()
+    x01 = torch.tensor([0.0, 0.4, 1.0])
+    normalised = (x01 - PREPROCESSING["mean"]) / PREPROCESSING["std"]
+    assert torch.allclose(model.to_unit_range(normalised), torch.tensor([-1.0, -0.2, 1.0]), atol=1e-6)
+
+
+def test_ema_decay_warms_up_to_its_final_value():
+    update = ema_with_warmup(0.999)
+    averaged, current, counter = [torch.zeros(3)], [torch.ones(3)], [torch.tensor(5)]
+    update(averaged, current, torch.tensor(1))  # decay 2/11: the first updates follow the generator
+    assert torch.allclose(averaged[0], torch.full((3,), 9 / 11))
+    averaged = [torch.zeros(3)]
+    update(averaged, current, torch.tensor(100_000))  # decay capped at 0.999
+    assert torch.allclose(averaged[0], torch.full((3,), 1e-3))
+    update([counter[0]], [torch.tensor(9)], torch.tensor(3))  # integer buffers are copied
+    assert int(counter[0]) == 9
+
+
+# ---- training ------------------------------------------------------------------------------------
+def test_training_steps_the_critic_n_critic_times_per_generator_step(trained):
+    model, before = trained.model, trained.before
+    assert (model.critic_steps, model.generator_steps) == (6, 3)
+    after = model.state_dict()
+    for prefix in ("generator.", "critic.", "ema.module."):
+        assert any(not torch.equal(before[k], after[k]) for k in after if k.startswith(prefix)), prefix
+    assert int(after["ema.n_averaged"]) == 3  # one EMA update per generator step
+    ema_keys = [k for k in after if k.startswith("ema.module.") and after[k].is_floating_point()]
+    to_now = sum((after[k] - after[k.replace("ema.module.", "generator.")]).norm() for k in ema_keys)
+    to_start = sum((after[k] - before[k.replace("ema.module.", "generator.")]).norm() for k in ema_keys)
+    assert to_now < to_start  # the warmed-up EMA follows training, not the initial weights
+    metrics = trained.trainer.callback_metrics
+    for key in ("train/critic_loss", "train/generator_loss", "train/gradient_penalty", "train/wasserstein"):
+        assert math.isfinite(float(metrics[key])), key
+    assert (trained.run_dir / "samples" / "epoch_000.png").is_file()  # the last epoch always writes one
+
+
+def test_schedule_counts_across_batches(tmp_path):
+    model = tiny_gan(n_critic=3)
+    fit(model, tmp_path, batches=7)
+    assert (model.critic_steps, model.generator_steps) == (7, 2)
+
+
+def test_bf16_mixed_step_is_finite(tmp_path):
+    model = tiny_gan(n_critic=1)
+    trainer = fit(model, tmp_path, batches=2, precision="bf16-mixed")
+    assert (model.critic_steps, model.generator_steps) == (2, 2)
+    for key in ("train/critic_loss", "train/generator_loss", "train/gradient_penalty", "train/wasserstein"):
+        assert math.isfinite(float(trainer.callback_metrics[key])), key
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"max_critic_loss": 1e-9}, r"diverged at epoch 0, step 0 .*critic loss = .*max_critic_loss=1e-09"),
+        ({"gp_lambda": float("nan")}, r"diverged at epoch 0, step 0 .*critic loss = nan"),
+    ],
+)
+def test_divergence_stops_training_without_stepping(tmp_path, overrides, match):
+    model = tiny_gan(**overrides)
+    critic_before = [p.clone() for p in model.critic.parameters()]
+    with pytest.raises(GANDivergedError, match=match) as error:
+        fit(model, tmp_path, batches=2)
+    assert "checkpoints saved so far" in str(error.value) and "lower optimizer.lr" in str(error.value)
+    assert model.critic_steps == 0
+    assert all(torch.equal(a, b) for a, b in zip(critic_before, model.critic.parameters()))
+
+
+def test_sample_grids_go_to_wandb_loggers(trained, monkeypatch):
+    class RecordingWandb(WandbLogger):
+        def __init__(self):  # no run: only the logging calls matter here
+            self.images = []
+
+        def log_image(self, key, images, **kwargs):
+            self.images.append((key, images))
+
+    wandb = RecordingWandb()
+    monkeypatch.setattr(trained.trainer, "_loggers", [wandb])
+    trained.model.on_train_epoch_end()
+    assert wandb.images and wandb.images[0][0] == "samples"
+    assert all(Path(p).is_file() for p in wandb.images[0][1])
+
+
+# ---- sampling and checkpoints ----------------------------------------------------------------------
+def test_generate_is_deterministic_per_seed():
+    model = tiny_gan()
+    labels = torch.tensor([0, 1, 2, 2, 1])
+    first, again, other = model.generate(labels, seed=3), model.generate(labels, seed=3), model.generate(labels, 4)
+    assert first.shape == (5, 32, 32) and first.dtype == np.uint8
+    assert np.array_equal(first, again) and not np.array_equal(first, other)
+    assert not model.training
+
+
+def test_checkpoint_round_trip_reproduces_samples(trained, tmp_path):
+    path = tmp_path / "gan.ckpt"
+    trained.trainer.save_checkpoint(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    assert state["hyper_parameters"]["latent_dim"] == 16 and any(k.startswith("ema.") for k in state["state_dict"])
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    restored = load_gan(path)
+    assert np.array_equal(restored.generate(labels, seed=7), trained.model.generate(labels, seed=7))
+    assert (restored.critic_steps, restored.generator_steps) == (6, 3)
+    assert not restored.training
+
+
+def test_load_gan_refuses_other_checkpoints():
+    classifier = {"hyper_parameters": {"net": {"_target_": "x"}, "class_names": CLASSES}, "state_dict": {}}
+    with pytest.raises(ValueError, match="not a WGAN-GP checkpoint"):
+        load_gan(classifier)
+
+
+def test_report_names_classes_learnt_from_one_case_or_none(trained, tmp_path):
+    table = pd.DataFrame(
+        {
+            "path": ["a.png", "b.png", "c.png", "d.png"],
+            "label": ["normal", "normal", "arachnoid-cyst", "arachnoid-cyst"],
+            "split": "train",
+            "source": "roboflow",
+            "case": ["n1", "n2", "a7", "a7"],
+            "group": [0, 1, 2, 2],
+            "part": "train",
+            "target": [0, 0, 1, 1],
+        }
+    )
+    datamodule = SimpleNamespace(part_table=lambda part: table)
+    report = trained.model.report(trained.trainer, datamodule, tmp_path, options=None)
+    metrics, notes = report.metrics, report.notes
+    assert report.figures == {"samples/final": tmp_path / "samples.png"} and (tmp_path / "samples.png").is_file()
+    saved = pd.read_csv(tmp_path / "train_images.csv")
+    assert list(saved.columns) == ["path", "label", "case", "group"] and len(saved) == 4
+    assert trained.model.task == "generation" and all(k.startswith("gan/") for k in metrics)
+    assert metrics["gan/critic_steps"] == 6 and metrics["gan/generator_steps"] == 3 and "gan/wasserstein" in metrics
+    assert "Normal: learnt from 2 image(s) of 2 case(s)" in notes
+    assert "Arachnoid cyst was learnt from a single case: its samples can only vary that case" in notes
+    assert any(n.startswith("Encephalocele is absent from the training part") and "untrained" in n for n in notes)
