@@ -14,6 +14,7 @@ from fetalbrain.data.duplicates import duplicate_groups
 from fetalbrain.data.images import ImageReadError, read_grayscale
 from fetalbrain.data.readers import DatasetError, read_dataset
 from fetalbrain.data.splits import assign_parts
+from fetalbrain.data.synthetic import MIXES, mix_synthetic
 from fetalbrain.data.transforms import build_pipeline, preprocessing
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,9 @@ class FetalBrainDataModule(L.LightningDataModule):
         cache: bool = True,
         on_bad_image: str = "error",
         sampler: str = "none",
+        synthetic: str | None = None,
+        mix: str = "real",
+        synthetic_ratio: float = 0.5,
     ):
         super().__init__()
         if group_level not in ("source", "case"):
@@ -82,10 +86,13 @@ class FetalBrainDataModule(L.LightningDataModule):
             raise ValueError(f"data.on_bad_image={on_bad_image!r}: choose error or skip")
         if sampler not in ("none", "weighted"):
             raise ValueError(f"data.sampler={sampler!r}: choose none or weighted")
+        if mix not in MIXES:
+            raise ValueError(f"data.mix={mix!r}: choose one of {', '.join(MIXES)}")
         self.save_hyperparameters(ignore=["transforms"])
         self.augment_cfg = (transforms or {}).get("augment") or []
         self.table = None  # set by setup(): path, label, split, source, case, group, part, target
         self.skipped: list[dict] = []
+        self.synthetic: dict | None = None  # what data.mix added to the training part
 
     # ---- set-up ---------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
@@ -106,6 +113,10 @@ class FetalBrainDataModule(L.LightningDataModule):
             val_num_folds=hp.val_num_folds,
             seed=hp.split_seed,
         )
+        table, self.synthetic = mix_synthetic(
+            table, self.class_names, hp.synthetic, hp.mix, hp.synthetic_ratio, hp.split_seed
+        )
+        images += self._decode_all(table.iloc[len(images) :])  # synthetic rows, appended after the real ones
         table["target"] = table["label"].map({name: i for i, name in enumerate(self.class_names)})
         self.table = table
         train_images = [images[i] for i in np.flatnonzero(table["part"] == "train")]
@@ -183,6 +194,7 @@ class FetalBrainDataModule(L.LightningDataModule):
             "root": str(Path(self.hparams.root)),
             "split": asdict(self.split_report),
             "skipped_images": self.skipped,
+            "synthetic": self.synthetic,
         }
 
     # ---- loaders --------------------------------------------------------------------------------

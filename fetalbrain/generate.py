@@ -1,0 +1,127 @@
+"""Generate synthetic images: ``python -m fetalbrain.generate ckpt=… num=64 class=<name>|all out=DIR seed=…``.
+
+Writes ``<out>/<class>/<class>_s<seed>_<i>.png`` (8-bit grey, the generator's image size), then
+``manifest.csv`` (file, class, seed, index), ``manifest.json`` (generator checkpoint, its SHA256,
+the run and split it was trained on) and ``generator_train_images.csv`` (every real image the
+generator saw, so that ``data.mix`` can refuse a generator that saw a run's test part). The same
+checkpoint and seed give the same images; each class draws from its own seed, so ``class=X`` gives
+the same images as the ``X`` rows of ``class=all``.
+"""
+
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import hydra
+import pandas as pd
+import torch
+from omegaconf import DictConfig
+from PIL import Image
+
+from fetalbrain.card import sha256_file, verify_checkpoint
+from fetalbrain.data.classes import display_name
+from fetalbrain.data.synthetic import GENERATOR_TRAIN_IMAGES, MANIFEST_CSV, MANIFEST_JSON
+from fetalbrain.models.gan import load_gan
+from fetalbrain.runs import latest_checkpoint, read_summary, run_directory, write_json
+
+log = logging.getLogger(__name__)
+
+
+def resolve_classes(requested: str, class_names: list[str]) -> list[str]:
+    """``all``, a label or a clinical name; anything else is an error listing what is valid."""
+    if requested == "all":
+        return list(class_names)
+    by_name = {display_name(c).lower(): c for c in class_names} | {c.lower(): c for c in class_names}
+    if str(requested).lower() not in by_name:
+        raise ValueError(
+            f"class={requested!r} is not a class of this generator. Valid: all, "
+            + ", ".join(f"{c} ({display_name(c)})" for c in class_names)
+        )
+    return [by_name[str(requested).lower()]]
+
+
+def class_seed(seed: int, index: int) -> int:
+    return seed * 1000 + index
+
+
+def prepare_output(out: Path, overwrite: bool) -> None:
+    """Never silently mix two generations: an existing generated folder needs overwrite=true."""
+    if out.exists() and any(out.iterdir()):
+        if not (out / MANIFEST_CSV).is_file():
+            raise FileExistsError(f"out={out} exists and is not a generated folder: choose a new or empty folder")
+        if not overwrite:
+            raise FileExistsError(f"out={out} already holds generated images: pass overwrite=true to replace them")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def generate(
+    checkpoint: Path,
+    out: Path,
+    num: int = 64,
+    classes: str = "all",
+    seed: int = 0,
+    batch_size: int = 64,
+    verify: bool = True,
+    overwrite: bool = False,
+) -> pd.DataFrame:
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"ckpt={checkpoint}: no such file")
+    if num < 1:
+        raise ValueError(f"num={num}: must be at least 1")
+    integrity = verify_checkpoint(checkpoint, verify)
+    gan = load_gan(checkpoint)
+    chosen = resolve_classes(classes, gan.hparams.class_names)
+    run_dir = run_directory(checkpoint)
+    seen = run_dir / "train_images.csv"
+    if not seen.is_file():
+        raise FileNotFoundError(
+            f"{seen}: the generator run does not list the images it was trained on, so a mix could not be "
+            "checked for leakage; generate from a run trained by python -m fetalbrain.train model=wgan_gp"
+        )
+    prepare_output(out, overwrite)
+    rows = []
+    for label in chosen:
+        index = gan.hparams.class_names.index(label)
+        s = class_seed(seed, index)
+        images = gan.generate(torch.full((num,), index, dtype=torch.long), seed=s, batch_size=batch_size)
+        (out / label).mkdir(exist_ok=True)
+        for i, image in enumerate(images):
+            file = f"{label}/{label}_s{s}_{i:04d}.png"
+            Image.fromarray(image).save(out / file)
+            rows.append({"file": file, "class": label, "seed": s, "index": i})
+    manifest = pd.DataFrame(rows)
+    manifest.to_csv(out / MANIFEST_CSV, index=False)
+    shutil.copyfile(seen, out / GENERATOR_TRAIN_IMAGES)
+    summary = read_summary(run_dir) if (run_dir / "metrics.json").is_file() else {}
+    write_json(
+        out / MANIFEST_JSON,
+        {
+            "generator_checkpoint": str(checkpoint.resolve()),
+            "generator_sha256": sha256_file(checkpoint),
+            "integrity": integrity,
+            "generator_run": str(run_dir),
+            "split": summary.get("data", {}).get("split"),
+            "image_size": gan.hparams.preprocessing["image_size"],
+            "classes": chosen,
+            "num_per_class": num,
+            "seed": seed,
+            "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        },
+    )
+    log.info("Generated %d images of %d class(es) -> %s", len(manifest), len(chosen), out)
+    return manifest
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="generate")
+def main(cfg: DictConfig) -> None:
+    checkpoint = Path(cfg.ckpt) if cfg.ckpt else latest_checkpoint(Path(cfg.paths.log_dir), task="generation")
+    manifest = generate(
+        checkpoint, Path(cfg.out), cfg.num, str(cfg["class"]), cfg.seed, cfg.batch_size, cfg.verify, cfg.overwrite
+    )
+    print(f"{len(manifest)} images from {checkpoint} -> {cfg.out}")
+
+
+if __name__ == "__main__":
+    main()
