@@ -32,6 +32,8 @@ from omegaconf import DictConfig, open_dict
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
+from fetalbrain.train import build_model  # noqa: E402
+
 log = logging.getLogger(__name__)
 
 
@@ -91,16 +93,18 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_step_throughput(ends: list[float], warmup: int, batch_size: int) -> float:
+def median_step_throughput(ends: list[float], warmup: int, batch_size: int, average=statistics.median) -> float:
     steps = [b - a for a, b in zip(ends[warmup:], ends[warmup + 1 :])]
-    return batch_size / statistics.median(steps)
+    return batch_size / average(steps)
 
 
 def autocast(device: torch.device, bf16: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
-def lightning_throughput(model, batches, device, bf16: bool, warmup: int, batch_size: int) -> tuple[float, float]:
+def lightning_throughput(
+    model, batches, device, bf16: bool, warmup: int, batch_size: int, average=statistics.median
+) -> tuple[float, float]:
     timer = StepTimer()
     trainer = L.Trainer(
         accelerator=device.type,
@@ -116,7 +120,7 @@ def lightning_throughput(model, batches, device, bf16: bool, warmup: int, batch_
     )
     with PeakMemory(device) as memory:
         trainer.fit(model, train_dataloaders=DataLoader(batches, batch_size=None))
-    return median_step_throughput(timer.ends, warmup, batch_size), memory.peak_mb
+    return median_step_throughput(timer.ends, warmup, batch_size, average), memory.peak_mb
 
 
 def bare_throughput(
@@ -217,12 +221,7 @@ def benchmark_model(bench, cfg, datamodule, device, bf16) -> dict:
     steps = bench.warmup_steps + bench.steps + 1
     loader = iter(datamodule.train_dataloader())
     batches = [next(loader) for _ in range(steps)]  # real augmented images, reused by both loops
-    model = instantiate(
-        cfg.model,
-        class_names=datamodule.class_names,
-        preprocessing=datamodule.preprocessing_config(),
-        optimizer=instantiate(cfg.optimizer),
-    )
+    model = build_model(cfg, datamodule)
     fresh_net = copy.deepcopy(model.net)
     params = sum(p.numel() for p in model.parameters())
     gflops = forward_gflops(fresh_net, cfg.data.image_size)
@@ -255,6 +254,66 @@ def benchmark_model(bench, cfg, datamodule, device, bf16) -> dict:
         "latency_ms_batch1": latency_ms,
         "infer_img_s_batch32": infer_img_s,
         "peak_memory_mb_training": peak_mb,
+    }
+
+
+def benchmark_generator(bench: DictConfig, device, bf16: bool) -> dict:
+    """WGAN-GP training (``model=wgan_gp``) on real batches: images per second and peak memory.
+
+    The mean step time, not the median: every n_critic-th step also trains the generator."""
+    cfg = compose(
+        "train",
+        overrides=[
+            "model=wgan_gp",
+            f"data.image_size={bench.generator.image_size}",
+            f"data.batch_size={bench.batch_size}",
+            "data.num_workers=0",
+            *bench.generator.overrides,
+        ],
+    )
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    loader = iter(datamodule.train_dataloader())
+    batches = [next(loader) for _ in range(bench.warmup_steps + bench.generator.steps + 1)]
+    model = build_model(cfg, datamodule)
+    img_s, peak_mb = lightning_throughput(
+        model, batches, device, bf16, bench.warmup_steps, bench.batch_size, statistics.mean
+    )
+    return {
+        "model": "wgan_gp",
+        "image_size": cfg.data.image_size,
+        "params_m": sum(p.numel() for p in (*model.generator.parameters(), *model.critic.parameters())) / 1e6,
+        "n_critic": cfg.model.n_critic,
+        "train_img_s": img_s,
+        "peak_memory_mb_training": peak_mb,
+    }
+
+
+def quality_metrics_seconds(images: int, image_size: int, feature_batch: int = 64) -> dict:
+    """Time FID + KID of ``images`` synthetic vs ``images`` real images, feature extraction included.
+
+    Features come from the plain CNN's penultimate layer (random weights: the cost, not the value,
+    is measured), as ``synth_quality`` does with a trained classifier."""
+    from fetalbrain.evaluation.synthetic import fid_kid
+    from fetalbrain.models.cnn import SmallCNN
+
+    net = SmallCNN(16).eval()
+    generator = torch.Generator().manual_seed(0)
+    sets = [torch.randn(images, 1, image_size, image_size, generator=generator) for _ in range(2)]
+    started = time.perf_counter()
+    with torch.no_grad():
+        features = [
+            torch.cat([net.forward_features(b).mean(dim=(2, 3)) for b in x.split(feature_batch)]).numpy() for x in sets
+        ]
+    extracted = time.perf_counter()
+    fid_kid(*features)
+    finished = time.perf_counter()
+    return {
+        "images_per_set": images,
+        "image_size": image_size,
+        "feature_seconds": extracted - started,
+        "fid_kid_seconds": finished - extracted,
+        "total_seconds": finished - started,
     }
 
 
@@ -306,6 +365,23 @@ def markdown(results: dict) -> str:
             f"| {'cached decoded images' if d['cache'] else 'decode every time'} | {d['workers']} | "
             f"{d['images_per_s']:.0f} |"
         )
+    if results.get("generator"):
+        g = results["generator"]
+        lines += [
+            "",
+            "| generator | size | params G+D (M) | n_critic | train img/s (critic steps) | peak train memory (MB) |",
+            "|---|---|---|---|---|---|",
+            f"| {g['model']} | {g['image_size']} | {g['params_m']:.2f} | {g['n_critic']} | {g['train_img_s']:.1f} | "
+            f"{g['peak_memory_mb_training']:.0f} |",
+        ]
+    if results.get("synthetic_quality"):
+        q = results["synthetic_quality"]
+        lines += [
+            "",
+            f"FID + KID of {q['images_per_set']} vs {q['images_per_set']} images at {q['image_size']} px: "
+            f"{q['total_seconds']:.1f} s ({q['feature_seconds']:.1f} s features, {q['fid_kid_seconds']:.1f} s "
+            "FID + KID; target < 60 s).",
+        ]
     targets = results["targets"]
     lines += [
         "",
@@ -336,6 +412,8 @@ def run(bench: DictConfig, out_dir: Path) -> dict:
             log.info("Benchmarking %s at %d px on %s", name, image_size, device)
             models.append(benchmark_model(bench, cfg, datamodules[image_size], device, bf16))
     pipeline = data_pipeline(train_config(bench, bench.models[0], bench.image_sizes[0]), bench)
+    generator = benchmark_generator(bench, device, bf16) if bench.generator.enabled else None
+    quality = quality_metrics_seconds(bench.quality.images, bench.quality.image_size) if bench.quality.enabled else None
     fastest = max(r["train_img_s_lightning"] for r in models)
     ratios = [r["lightning_vs_bare"] for r in models]
     results = {
@@ -347,6 +425,8 @@ def run(bench: DictConfig, out_dir: Path) -> dict:
         },
         "models": models,
         "data_pipeline": pipeline,
+        "generator": generator,
+        "synthetic_quality": quality,
         "targets": {
             "pipeline_over_fastest_model": max(d["images_per_s"] for d in pipeline) / fastest,
             "lowest_lightning_vs_bare": min(ratios),

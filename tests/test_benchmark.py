@@ -17,6 +17,10 @@ TINY_BENCHMARK = [
     "data_batches=2",
     "data_workers=0",
     "device=cpu",
+    "generator.image_size=32",
+    "generator.steps=2",
+    "quality.images=40",
+    "quality.image_size=32",
 ]
 
 
@@ -33,7 +37,17 @@ def test_bf16_autocast_path_runs_on_cpu(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "autocast", spy)
     with initialize_config_dir(str(CONF), version_base="1.3"):
         results = run(
-            compose("benchmark", overrides=["models=[separable]", "precision=bf16", *TINY_BENCHMARK]), tmp_path
+            compose(
+                "benchmark",
+                overrides=[
+                    "models=[separable]",
+                    "precision=bf16",
+                    *TINY_BENCHMARK,
+                    "generator.enabled=false",
+                    "quality.enabled=false",
+                ],
+            ),
+            tmp_path,
         )
     assert results["precision"] == "bf16" and results["models"][0]["train_img_s_bare"] > 0
     assert dtypes.count(torch.bfloat16) >= 10  # every bare training step and every timed inference call
@@ -60,6 +74,12 @@ def test_benchmark_reports_models_pipeline_and_targets(tmp_path):
     assert written["models"][0]["params_m"] < written["models"][1]["params_m"]
     assert {d["cache"] for d in written["data_pipeline"]} == {True, False}
     assert written["machine"]["cores"] >= 1 and written["precision"] == "fp32"
+    generator = written["generator"]
+    assert generator["model"] == "wgan_gp" and generator["image_size"] == 32 and generator["n_critic"] == 5
+    assert generator["train_img_s"] > 0 and generator["params_m"] > 0
+    quality = written["synthetic_quality"]
+    assert quality["images_per_set"] == 40 and 0 < quality["fid_kid_seconds"] <= quality["total_seconds"]
     table = markdown(results)
-    assert "| cnn | 32 |" in table and "Targets:" in table
+    assert "| cnn | 32 |" in table and "| wgan_gp | 32 |" in table and "FID + KID of 40 vs 40" in table
+    assert "Targets:" in table
     assert (tmp_path / "history.md").read_text().strip() == table.strip()
