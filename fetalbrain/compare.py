@@ -32,7 +32,7 @@ from fetalbrain.runs import find_runs, read_summary  # noqa: E402
 log = logging.getLogger(__name__)
 
 NOT_A_SETTING = re.compile(
-    r"^(data\.fold|seed|hydra\.|ckpt_path|model|data/split|data\.splitter|data\.num_workers|logger)\b"
+    r"^(data\.fold|data\.synthetic|seed|hydra\.|ckpt_path|model|data/split|data\.splitter|data\.num_workers|logger)\b"
 )
 
 
