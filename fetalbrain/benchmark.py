@@ -16,6 +16,7 @@ import logging
 import os
 import platform
 import statistics
+import tempfile
 import threading
 import time
 from contextlib import nullcontext
@@ -103,10 +104,11 @@ def autocast(device: torch.device, bf16: bool):
 
 
 def lightning_throughput(
-    model, batches, device, bf16: bool, warmup: int, batch_size: int, average=statistics.median
+    model, batches, device, bf16: bool, warmup: int, batch_size: int, average=statistics.median, root_dir=None
 ) -> tuple[float, float]:
     timer = StepTimer()
     trainer = L.Trainer(
+        default_root_dir=root_dir,
         accelerator=device.type,
         devices=1,
         precision="bf16-mixed" if bf16 else "32-true",
@@ -276,9 +278,10 @@ def benchmark_generator(bench: DictConfig, device, bf16: bool) -> dict:
     loader = iter(datamodule.train_dataloader())
     batches = [next(loader) for _ in range(bench.warmup_steps + bench.generator.steps + 1)]
     model = build_model(cfg, datamodule)
-    img_s, peak_mb = lightning_throughput(
-        model, batches, device, bf16, bench.warmup_steps, bench.batch_size, statistics.mean
-    )
+    with tempfile.TemporaryDirectory() as root:  # its sample grids are not benchmark output
+        img_s, peak_mb = lightning_throughput(
+            model, batches, device, bf16, bench.warmup_steps, bench.batch_size, statistics.mean, root
+        )
     return {
         "model": "wgan_gp",
         "image_size": cfg.data.image_size,

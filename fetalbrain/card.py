@@ -1,63 +1,55 @@
-"""Model cards and checkpoint integrity.
+"""Model cards: what a run's model is, what data and split it saw, how well it did, what it is not for.
 
-A run's ``model_card.json``/``.md`` say, in one place, what the model is, what data and split it saw
-(leakage included), how well it did, what it must not be used for, and the SHA256 of every checkpoint:
-``predict``, ``export``, ``generate`` and the GUI refuse a checkpoint that changed after training, so
-the numbers on the card always describe the weights being used.
+``model_card.json``/``.md`` are built from the run directory alone and list the SHA256 of every
+checkpoint; ``fetalbrain.integrity`` checks a checkpoint against them before it is loaded, so the card's
+numbers always describe the weights in use. Rewriting a card keeps those hashes: a changed checkpoint
+is refused unless ``rehash`` says the new weights are accepted.
 
-``python -m fetalbrain.card RUN_DIR [--write] [--folds DIR ...]`` prints the card and checks the
-checkpoints against it.
+``python -m fetalbrain.card RUN_DIR [--write [--rehash]] [--folds DIR ...]`` prints the card and checks
+the checkpoints against it.
 """
 
 import argparse
-import hashlib
-import json
+import logging
 import math
 import sys
 from datetime import datetime
 from pathlib import Path
 
-import numpy as np
-from omegaconf import OmegaConf
+import yaml
 
 import fetalbrain
 from fetalbrain.data.classes import display_name
-from fetalbrain.runs import CHECKPOINT_DIR, CONFIG_FILE, SUMMARY_FILE, read_summary, write_json
-
-CARD_JSON = "model_card.json"
-CARD_MD = "model_card.md"
-CHUNK = 1 << 20
-
-INTENDED_USE = (
-    "Research software for studying the classification of fetal brain ultrasound images into anomaly "
-    "categories (method development, benchmarking, teaching)."
+from fetalbrain.evaluation.intervals import mean_interval
+from fetalbrain.integrity import (
+    CARD_JSON,
+    CheckpointIntegrityError,
+    check_checkpoints,
+    read_card,
+    sha256_file,
 )
+from fetalbrain.runs import CHECKPOINT_DIR, CONFIG_FILE, SUMMARY_FILE, read_summary, task_of, write_json
+
+log = logging.getLogger(__name__)
+
+CARD_MD = "model_card.md"
+PURPOSES = "method development, benchmarking, teaching"
+INTENDED_USE = {
+    "classification": f"Research on classifying fetal brain ultrasound images into anomaly categories ({PURPOSES}).",
+    "generation": f"Research on generating synthetic fetal brain ultrasound images, e.g. to augment training data "
+    f"({PURPOSES}).",
+}
 NOT_FOR = (
     "Not a medical device and not for diagnosis: do not use it to screen, diagnose or manage any "
     "patient or pregnancy, or to support any clinical decision."
 )
-DATASET_LIMITATIONS = (
-    "`normal` images come from a single other acquisition source (BCNatal FETAL_PLANES_DB, "
-    "`PatientNNNNN_PlaneN` files): a normal-versus-abnormal decision can follow the acquisition source "
-    "instead of the anatomy (compare the screening AUROC with the shortcut baselines).",
-    "Few cases per anomaly: the 212 source images come from 81 cases, and five classes (holoprosencephaly, "
-    "hydranencephaly, intracranial tumour, mega cisterna magna, vein of Galen malformation) have a single "
-    "case, so they cannot be tested on a case the model has not seen.",
-    "One dataset, one export: performance on other machines, operators, gestational ages or populations is unknown.",
-)
-
-
-class CheckpointIntegrityError(ValueError):
-    """A checkpoint's SHA256 differs from its run's model card: the card no longer describes it."""
-
-
-def sha256_file(path: str | Path) -> str:
-    """Streamed, so that a checkpoint of any size is hashed in constant memory."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+SHORTCUT_AUROC = 0.7  # a trivial baseline above this tells normal from abnormal by something besides anatomy
+CALIBRATION = {
+    "test/ece": "ECE",
+    "test/ece_temperature_scaled": "ECE after temperature scaling",
+    "calibration/temperature": "temperature (fitted on validation)",
+}
+LEAK_WORDS = {"shared_source": "a source image", "shared_case": "a case", "shared_group": "a duplicate group"}
 
 
 # ---- building the card ---------------------------------------------------------------------------------
@@ -72,65 +64,38 @@ def _clean(value):
     return value
 
 
+def _finite(value) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
 def _read_config(run_dir: Path) -> dict:
-    path = run_dir / CONFIG_FILE
-    if not path.is_file():
-        return {}
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
-
-
-def _short(target: str | None) -> str | None:
-    return target.rsplit(".", 1)[-1] if isinstance(target, str) else target
+    path = run_dir / CONFIG_FILE  # saved resolved by training: plain YAML
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
 
 
 def _component(cfg: dict | None) -> dict | None:
     """An optimizer or scheduler config as its class name and settings (Hydra's ``_keys_`` dropped)."""
     if not cfg:
         return None
-    return {"name": _short(cfg.get("_target_")), **{k: v for k, v in cfg.items() if not str(k).startswith("_")}}
+    name = str(cfg.get("_target_", "")).rsplit(".", 1)[-1] or None
+    return {"name": name, **{k: v for k, v in cfg.items() if not str(k).startswith("_")}}
 
 
 def _summary_keys(metrics: dict, task: str) -> list[str]:
     """The metrics a card reports and summarises over folds: test numbers, or the GAN's for a generator."""
     if task == "generation":
         return sorted(k for k in metrics if k.startswith("gan/"))
-    keep = ("test/", "shortcut/")
-    return sorted(k for k in metrics if k.startswith(keep) or k == "screening/test_auroc")
+    return sorted(k for k in metrics if k.startswith(("test/", "shortcut/")) or k == "screening/test_auroc")
 
 
 def fold_summary(run_dirs: list[Path], keys: list[str]) -> dict:
     """Mean ± std and a 95 % t-interval of each metric over the runs of a sweep (non-finite values left out)."""
-    from scipy import stats  # a second to import: only fold summaries need it, not the integrity checks
-
-    summaries = [read_summary(r) for r in run_dirs]
-    result = {}
-    for key in keys:
-        values = np.array([s["metrics"][key] for s in summaries if _finite(s.get("metrics", {}).get(key))], float)
-        n = len(values)
-        mean = float(values.mean()) if n else None
-        std = float(values.std(ddof=1)) if n > 1 else None
-        half = float(stats.t.ppf(0.975, n - 1) * std / math.sqrt(n)) if n > 1 else None
-        result[key] = {
-            "n": n,
-            "mean": mean,
-            "std": std,
-            "ci95_low": mean - half if half is not None else None,
-            "ci95_high": mean + half if half is not None else None,
-        }
-    return result
-
-
-def _finite(value) -> bool:
-    return isinstance(value, int | float) and math.isfinite(value)
+    metrics = [read_summary(r).get("metrics") or {} for r in run_dirs]
+    return {key: _clean(mean_interval([m[key] for m in metrics if _finite(m.get(key))])) for key in keys}
 
 
 def _fold_section(run_dir: Path, folds: list[Path], keys: list[str], config: dict) -> dict:
-    runs, seen = [], set()
-    for d in [run_dir, *folds]:
-        d = Path(d).resolve()
-        if d not in seen:  # the run itself may be passed among its folds
-            seen.add(d)
-            runs.append(d)
+    runs = list(dict.fromkeys(Path(d).resolve() for d in [run_dir, *folds]))  # the run may be among its folds
     described, warnings = [], []
     for d in runs:
         cfg = _read_config(d)
@@ -148,12 +113,24 @@ def _fold_section(run_dir: Path, folds: list[Path], keys: list[str], config: dic
     return {"n_runs": len(runs), "runs": described, "metrics": fold_summary(runs, keys), "warnings": warnings}
 
 
-def _limitations(task: str, split: dict) -> list[str]:
-    """The fixed dataset caveats, plus the ones this run's own split makes true."""
-    items = list(DATASET_LIMITATIONS)
+def _sentence(text) -> str:
+    text = str(text).strip()
+    return text[:1].upper() + text[1:] + ("" if text.endswith((".", "!", "?")) else ".")
+
+
+def _limitations(task: str, data: dict, metrics: dict) -> list[str]:
+    """Generic caveats, the data config's facts about its dataset, and what this run's own numbers show."""
+    split = data.get("split") or {}
+    root = f" (`{Path(data['root']).name}`)" if data.get("root") else ""
+    items = [
+        "Research software, not a medical device: not validated for diagnosis or any clinical use.",
+        f"One dataset{root}: performance on other machines, operators, gestational ages or populations is unknown.",
+        *[_sentence(text) for text in data.get("limitations") or []],
+    ]
     test = (split.get("leaked") or {}).get("test") or {}
-    words = {"shared_source": "a source image", "shared_case": "a case", "shared_group": "a duplicate group"}
-    shared = [(v, words.get(k, k.removeprefix("shared_"))) for k, v in test.items() if k.startswith("shared_") and v]
+    shared = [
+        (v, LEAK_WORDS.get(k, k.removeprefix("shared_"))) for k, v in test.items() if k.startswith("shared_") and v
+    ]
     if shared:
         (count, word), rest = shared[0], "".join(f", {v} {w}" for v, w in shared[1:])
         items.insert(
@@ -161,11 +138,19 @@ def _limitations(task: str, split: dict) -> list[str]:
             f"The test part leaks: of its {test.get('images', '?')} images, {count} share {word} with the training "
             f"part{rest}; the test metrics overstate performance on new patients.",
         )
-    missing = (split.get("missing_classes") or {}).get("test") or []
-    if missing and task == "classification":
-        items.append(f"Not evaluated (absent from the test part): {', '.join(display_name(c) for c in missing)}.")
     if task == "generation":
         items.append("Synthetic images are not patients: they can only vary the cases the generator was shown.")
+        return items
+    missing = (split.get("missing_classes") or {}).get("test") or []
+    if missing:
+        items.append(f"Not evaluated (absent from the test part): {', '.join(display_name(c) for c in missing)}.")
+    shortcuts = {k.split("/")[1]: v for k, v in metrics.items() if k.startswith("shortcut/") and _finite(v)}
+    if shortcuts and max(shortcuts.values()) >= SHORTCUT_AUROC:
+        name, auroc = max(shortcuts.items(), key=lambda item: item[1])
+        items.append(
+            f"A trivial shortcut baseline ({name.removesuffix('_test_auroc')}) tells abnormal from normal test "
+            f"images with AUROC {auroc:.2f}: the screening result may follow acquisition rather than anatomy."
+        )
     return items
 
 
@@ -178,10 +163,8 @@ def build_card(run_dir: Path, folds: list[Path] | None = None) -> dict:
     run = summary.get("run") or {}
     data = summary.get("data") or {}
     split = data.get("split") or {}
-    data_cfg = config.get("data") or {}
-    model_cfg = config.get("model") or {}
-    trainer_cfg = config.get("trainer") or {}
-    task = run.get("task", "classification")
+    data_cfg, model_cfg, trainer_cfg = (config.get(k) or {} for k in ("data", "model", "trainer"))
+    task = task_of(summary)
     keys = _summary_keys(metrics, task)
     thresholds: dict[str, dict] = {}
     for key, value in metrics.items():
@@ -189,12 +172,6 @@ def build_card(run_dir: Path, folds: list[Path] | None = None) -> dict:
         if parts[0] == "screening" and len(parts) == 3:
             thresholds.setdefault(parts[1], {})[parts[2]] = value
     screening = {k: metrics[k] for k in ("screening/test_auroc", "screening/val_auroc") if k in metrics}
-    calibration = {
-        k: metrics.get(k)
-        for k in ("test/ece", "test/ece_temperature_scaled", "calibration/temperature", "test/nll")
-        if k in metrics
-    }
-    checkpoints = sorted((run_dir / CHECKPOINT_DIR).glob("*.ckpt"))
     best = run.get("best_checkpoint")
     notes = list(summary.get("notes") or [])
     if not config:
@@ -230,7 +207,7 @@ def build_card(run_dir: Path, folds: list[Path] | None = None) -> dict:
             "run": {k: metrics[k] for k in keys},
             "folds": _fold_section(run_dir, list(folds), keys, config) if folds else None,
         },
-        "calibration": calibration or None,
+        "calibration": {k: metrics[k] for k in (*CALIBRATION, "test/nll") if k in metrics} or None,
         "screening": {**screening, "thresholds": thresholds} if screening or thresholds else None,
         "shortcut": {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("shortcut/")} or None,
         "training": {
@@ -245,11 +222,14 @@ def build_card(run_dir: Path, folds: list[Path] | None = None) -> dict:
             "device": run.get("device"),
             "train_seconds": run.get("train_seconds"),
         },
-        "intended_use": {"use": INTENDED_USE, "not_for": NOT_FOR},
-        "limitations": _limitations(task, split),
+        "intended_use": {
+            "use": INTENDED_USE.get(task, f"Research on fetal brain ultrasound ({task}; {PURPOSES})."),
+            "not_for": NOT_FOR,
+        },
+        "limitations": _limitations(task, data, metrics),
         "notes": notes,
         "best_checkpoint": Path(best).name if best else None,
-        "checkpoints": {p.name: sha256_file(p) for p in checkpoints},
+        "checkpoints": {p.name: sha256_file(p) for p in sorted((run_dir / CHECKPOINT_DIR).glob("*.ckpt"))},
     }
     return _clean(card)
 
@@ -285,11 +265,13 @@ def _settings(cfg: dict) -> str:
     return f"{name} ({settings})" if settings else str(name)
 
 
+def _ordered(keys, first: list) -> list:
+    """``first`` in its order, then the rest alphabetically: the card's JSON sorts keys, a reader should not."""
+    return sorted(keys, key=lambda k: (first.index(k) if k in first else len(first), k))
+
+
 def _in_part_order(by_part: dict | None) -> dict:
-    """train, val, test in that order (the card's JSON sorts keys alphabetically)."""
-    by_part = by_part or {}
-    order = ["train", "val", "test"]
-    return {k: by_part[k] for k in sorted(by_part, key=lambda k: (order.index(k) if k in order else 3, k))}
+    return {k: by_part[k] for k in _ordered(by_part or {}, ["train", "val", "test"])}
 
 
 def _metric_order(key: str) -> tuple:
@@ -341,9 +323,7 @@ def render_markdown(card: dict) -> str:
     )
     leakage = _in_part_order(data.get("leakage"))
     if leakage:
-        known = ["shared_source", "shared_case", "shared_group"]
-        found = {k for counts in leakage.values() for k in counts if k != "images"}
-        columns = [k for k in known if k in found] + sorted(found - set(known))
+        columns = _ordered({k for counts in leakage.values() for k in counts if k != "images"}, list(LEAK_WORDS))
         lines += ["### Leakage: validation and test images sharing with the training part", ""]
         lines += _table(
             ["part", "images", *[c.replace("_", " ") for c in columns]],
@@ -377,15 +357,7 @@ def render_markdown(card: dict) -> str:
     else:
         lines += _table(["metric", "value"], [[k, v] for k, v in run_metrics.items()]) if run_metrics else []
     if card.get("calibration"):
-        cal = card["calibration"]
-        lines += ["## Calibration", ""]
-        lines += _pairs(
-            {
-                "ECE": cal.get("test/ece"),
-                "ECE after temperature scaling": cal.get("test/ece_temperature_scaled"),
-                "temperature (fitted on validation)": cal.get("calibration/temperature"),
-            }
-        )
+        lines += ["## Calibration", "", *_pairs({v: card["calibration"].get(k) for k, v in CALIBRATION.items()})]
     if card.get("screening"):
         scr = card["screening"]
         lines += ["## Screening: abnormal versus normal", ""]
@@ -426,87 +398,43 @@ def render_markdown(card: dict) -> str:
     lines += ["## Checkpoints", ""]
     if card["checkpoints"]:
         best = card.get("best_checkpoint")
-        rows = [[f"`{n}`" + (" (best)" if n == best else ""), f"`{h}`"] for n, h in card["checkpoints"].items()]
+        rows = [[f"`{n}`" + (" (handed on)" if n == best else ""), f"`{h}`"] for n, h in card["checkpoints"].items()]
         lines += _table(["file", "SHA256"], rows)
     else:
         lines += ["No checkpoint was found in `checkpoints/`.", ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
-def write_model_card(run_dir: Path, folds: list[Path] | None = None) -> dict:
-    """Write ``model_card.json`` and ``model_card.md`` into the run directory; return the card."""
+def _keep_recorded(card_path: Path, found: dict[str, str]) -> dict[str, str]:
+    """The card's recorded hashes, plus checkpoints new on disk; a changed one raises, as loading it would."""
+    recorded = read_card(card_path).get("checkpoints") or {}
+    changed = sorted(name for name, digest in recorded.items() if found.get(name, digest) != digest)
+    if changed:
+        raise CheckpointIntegrityError(
+            f"{', '.join(changed)}: SHA256 differs from the hash recorded in {card_path}; the checkpoint changed "
+            "after the card was written, so the card was not rewritten. Restore the original file; or pass "
+            "rehash=True (--rehash) to record the new hash, accepting that the card's metrics may not describe "
+            "the new weights."
+        )
+    added = sorted(set(found) - set(recorded))
+    if added:
+        log.warning("%s: adding checkpoints the card did not list: %s", card_path, ", ".join(added))
+    return dict(sorted({**recorded, **found}.items()))
+
+
+def write_model_card(run_dir: Path, folds: list[Path] | None = None, rehash: bool = False) -> dict:
+    """Write ``model_card.json`` and ``.md`` into the run directory; return the card.
+
+    An existing card's checkpoint hashes are kept (listed files missing from disk too): a changed checkpoint
+    raises ``CheckpointIntegrityError`` unless ``rehash``, which takes every hash from disk anew.
+    """
     run_dir = Path(run_dir)
     card = build_card(run_dir, folds)
+    if (run_dir / CARD_JSON).is_file() and not rehash:
+        card["checkpoints"] = _keep_recorded(run_dir / CARD_JSON, card["checkpoints"])
     write_json(run_dir / CARD_JSON, card)
     (run_dir / CARD_MD).write_text(render_markdown(card))
     return card
-
-
-# ---- integrity -----------------------------------------------------------------------------------------
-def _in_run(checkpoint: Path) -> Path | None:
-    """The checkpoint as a file of a run's ``checkpoints/`` folder: as given, else where a symlink points."""
-    for path in dict.fromkeys((Path(checkpoint).absolute(), Path(checkpoint).resolve())):
-        if path.parent.name == CHECKPOINT_DIR and (path.parent.parent / CARD_JSON).is_file():
-            return path
-    return None
-
-
-def find_card(checkpoint: Path) -> Path | None:
-    """The model card of the run a checkpoint belongs to; checkpoints live in ``<run>/checkpoints/``."""
-    path = _in_run(checkpoint)
-    return path.parent.parent / CARD_JSON if path else None
-
-
-def read_card(path: Path) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError) as error:
-        raise CheckpointIntegrityError(
-            f"{path}: unreadable model card ({error}); rewrite it with python -m fetalbrain.card RUN_DIR --write "
-            "or pass verify=false to override"
-        ) from error
-
-
-def verify_checkpoint(checkpoint: Path, verify: bool = True) -> str:
-    """Return "verified", "no card", "not listed" (the caller warns) or "skipped"; a changed checkpoint raises."""
-    if not verify:
-        return "skipped"
-    checkpoint = Path(checkpoint)
-    path = _in_run(checkpoint)
-    if path is None:
-        return "no card"
-    card_path = path.parent.parent / CARD_JSON
-    expected = (read_card(card_path).get("checkpoints") or {}).get(path.name)
-    if expected is None:
-        return "not listed"
-    actual = sha256_file(checkpoint)
-    if actual != expected:
-        raise CheckpointIntegrityError(
-            f"{checkpoint}: SHA256 {actual[:12]}… differs from {expected[:12]}… recorded in {card_path}; the "
-            "checkpoint changed after training, so the card's metrics do not describe it. Pass verify=false "
-            "to override."
-        )
-    return "verified"
-
-
-def check_checkpoints(run_dir: Path, card: dict) -> list[tuple[str, str, str]]:
-    """(file, status, detail) for every checkpoint the card lists, and for files it does not list."""
-    folder = Path(run_dir) / CHECKPOINT_DIR
-    results = []
-    for name, expected in (card.get("checkpoints") or {}).items():
-        path = folder / name
-        if not path.is_file():
-            results.append((name, "MISSING", "listed in the card, not on disk"))
-            continue
-        actual = sha256_file(path)
-        if actual == expected:
-            results.append((name, "OK", actual[:12]))
-        else:
-            results.append((name, "CHANGED", f"expected {expected[:12]}…, found {actual[:12]}…"))
-    for path in sorted(folder.glob("*.ckpt")):
-        if path.name not in (card.get("checkpoints") or {}):
-            results.append((path.name, "UNLISTED", "not in the card (written after it?)"))
-    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -515,43 +443,49 @@ def main(argv: list[str] | None = None) -> int:
         description="Print a run's model card (writing it when asked or missing) and check its checkpoints.",
     )
     parser.add_argument("run_dir", type=Path, help="a run directory (holds metrics.json)")
-    parser.add_argument("--write", action="store_true", help="(re)write model_card.json/.md, hashing checkpoints anew")
+    parser.add_argument(
+        "--write", action="store_true", help="rewrite model_card.json/.md, keeping the recorded checkpoint hashes"
+    )
+    parser.add_argument(
+        "--rehash",
+        action="store_true",
+        help="with --write: record the checkpoints' current hashes; you accept that the card's metrics may not "
+        "describe the new weights",
+    )
     parser.add_argument(
         "--folds", type=Path, nargs="+", default=None, help="other runs of the same sweep: mean, std, 95%% interval"
     )
     args = parser.parse_args(argv)
     run_dir: Path = args.run_dir
-    if not (run_dir / SUMMARY_FILE).is_file():
-        print(f"error: {run_dir} is not a run directory (no {SUMMARY_FILE})", file=sys.stderr)
-        return 2
     card_path = run_dir / CARD_JSON
-    if args.folds and card_path.is_file() and not args.write:
-        print("error: --folds rewrites the card (and re-hashes the checkpoints): add --write", file=sys.stderr)
+    for folder in [run_dir, *(args.folds or [])]:
+        if not (folder / SUMMARY_FILE).is_file():
+            print(f"error: {folder} is not a run directory (no {SUMMARY_FILE})", file=sys.stderr)
+            return 2
+    if card_path.is_file() and not args.write and (args.folds or args.rehash):
+        print("error: --folds and --rehash rewrite the card: add --write", file=sys.stderr)
         return 2
-    for fold in args.folds or []:
-        if not (fold / SUMMARY_FILE).is_file():
-            print(f"error: --folds {fold} is not a run directory (no {SUMMARY_FILE})", file=sys.stderr)
-            return 2
-    if args.write or not card_path.is_file():
-        card = write_model_card(run_dir, args.folds)
-        print(f"wrote {card_path} and {run_dir / CARD_MD}", file=sys.stderr)
-    else:
-        try:
+    try:
+        if args.write or not card_path.is_file():
+            card = write_model_card(run_dir, args.folds, rehash=args.rehash)
+            print(f"wrote {card_path} and {run_dir / CARD_MD}", file=sys.stderr)
+        else:
             card = read_card(card_path)
-        except CheckpointIntegrityError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
+    except CheckpointIntegrityError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     print(render_markdown(card))
     results = check_checkpoints(run_dir, card)
     width = max((len(name) for name, _, _ in results), default=0)
     for name, status, detail in results:
         print(f"{status:<8} {name:<{width}}  {detail}")
-    bad = [name for name, status, _ in results if status in ("CHANGED", "MISSING")]
+    bad = [name for name, status, _ in results if status != "OK"]
     if bad:
         print(
-            f"error: {len(bad)} checkpoint(s) changed or missing since the card was written ({', '.join(bad)}): "
-            "its metrics no longer describe them. Restore the files, or rewrite the card with --write if the "
-            "change is intended.",
+            f"error: {len(bad)} checkpoint(s) changed, missing or not listed since the card was written "
+            f"({', '.join(bad)}): its metrics do not describe them, and predict, export and generate refuse them. "
+            "Restore the original files or retrain; --write --rehash records the current files, accepting that "
+            "the card's metrics may not describe them.",
             file=sys.stderr,
         )
         return 1

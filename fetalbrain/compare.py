@@ -22,9 +22,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
-from scipy import stats  # noqa: E402
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score  # noqa: E402
 
+from fetalbrain.evaluation.intervals import mean_interval  # noqa: E402
 from fetalbrain.evaluation.metrics import COMPARED  # noqa: E402
 from fetalbrain.evaluation.plots import confusion_matrix_figure  # noqa: E402
 from fetalbrain.runs import find_runs, read_summary  # noqa: E402
@@ -39,7 +39,9 @@ NOT_A_SETTING = re.compile(
 def classification_runs(directories: list[Path]) -> list[Path]:
     runs = find_runs(directories, task="classification")
     if not runs:
-        raise FileNotFoundError(f"no classification runs (with metrics.json) under {', '.join(map(str, directories))}")
+        raise FileNotFoundError(
+            f"no run directories of classification runs (with metrics.json) under {', '.join(map(str, directories))}"
+        )
     return runs
 
 
@@ -75,22 +77,8 @@ def summarise(runs: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for group, members in runs.groupby("group", sort=True):
         for metric in COMPARED:
-            values = members[metric].dropna().to_numpy() if metric in members else np.array([])
-            n = len(values)
-            mean = values.mean() if n else np.nan
-            std = values.std(ddof=1) if n > 1 else np.nan
-            half = stats.t.ppf(0.975, n - 1) * std / np.sqrt(n) if n > 1 else np.nan
-            rows.append(
-                {
-                    "group": group,
-                    "metric": metric,
-                    "n": n,
-                    "mean": mean,
-                    "std": std,
-                    "ci95_low": mean - half,
-                    "ci95_high": mean + half,
-                }
-            )
+            values = members[metric].dropna().to_numpy() if metric in members else []
+            rows.append({"group": group, "metric": metric, **mean_interval(values)})
     return pd.DataFrame(rows)
 
 

@@ -13,10 +13,10 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from fetalbrain.card import verify_checkpoint
-from fetalbrain.inference import ONNX_METADATA_KEY, model_card
-from fetalbrain.models.classifier import load_classifier, read_checkpoint
-from fetalbrain.runs import latest_checkpoint, run_directory
+from fetalbrain.inference import ONNX_METADATA_KEY, deployment_metadata
+from fetalbrain.integrity import verify_checkpoint
+from fetalbrain.models.classifier import load_classifier
+from fetalbrain.runs import latest_checkpoint, read_checkpoint, run_directory
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 
@@ -66,7 +66,7 @@ def export(
     net = load_classifier(state).net.eval().to(memory_format=torch.contiguous_format)
     prep = state["hyper_parameters"]["preprocessing"]
     example = torch.zeros(1, prep["channels"], prep["image_size"], prep["image_size"])
-    card = model_card(checkpoint, state, screening_rule)
+    card = deployment_metadata(checkpoint, state, screening_rule)
     if format == "onnx":
         return export_onnx(net, example, card, out, opset)
     return export_torchscript(net, example, card, out)

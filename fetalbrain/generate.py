@@ -19,10 +19,10 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image
 
-from fetalbrain.card import sha256_file, verify_checkpoint
 from fetalbrain.data.classes import display_name
 from fetalbrain.data.synthetic import GENERATOR_TRAIN_IMAGES, MANIFEST_CSV, MANIFEST_JSON
-from fetalbrain.models.gan import load_gan
+from fetalbrain.integrity import sha256_file, verify_checkpoint
+from fetalbrain.models.gan import TRAIN_IMAGES_FILE, load_gan
 from fetalbrain.runs import latest_checkpoint, read_summary, run_directory, write_json
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ def generate(
     gan = load_gan(checkpoint)
     chosen = resolve_classes(classes, gan.hparams.class_names)
     run_dir = run_directory(checkpoint)
-    seen = run_dir / "train_images.csv"
+    seen = run_dir / TRAIN_IMAGES_FILE
     if not seen.is_file():
         raise FileNotFoundError(
             f"{seen}: the generator run does not list the images it was trained on, so a mix could not be "

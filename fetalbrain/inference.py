@@ -14,14 +14,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fetalbrain.card import verify_checkpoint
 from fetalbrain.data.classes import NORMAL_CLASS, display_name
 from fetalbrain.data.images import ImageReadError, read_image
 from fetalbrain.data.transforms import build_pipeline, preprocessing
 from fetalbrain.evaluation.calibration import softmax
 from fetalbrain.evaluation.metrics import SHOWN
+from fetalbrain.integrity import verify_checkpoint
 from fetalbrain.models.gradcam import grad_cam, overlay
-from fetalbrain.runs import SUMMARY_FILE, read_summary, run_directory
+from fetalbrain.runs import SUMMARY_FILE, read_checkpoint, read_summary, run_directory
 
 ONNX_METADATA_KEY = "fetalbrain"
 
@@ -47,7 +47,7 @@ class Prediction:
         return self.abnormal_probability >= self.screening_threshold
 
 
-def model_card(checkpoint: Path, state: dict, screening_rule: str = "youden") -> dict:
+def deployment_metadata(checkpoint: Path, state: dict, screening_rule: str = "youden") -> dict:
     """What a deployed model needs besides weights: classes, preprocessing, evaluation results.
 
     ``state`` is the checkpoint's contents (``read_checkpoint``); the run's metrics.json is found
@@ -105,11 +105,11 @@ class Predictor:
                 None,
             )
         else:
-            from fetalbrain.models.classifier import load_classifier, read_checkpoint
+            from fetalbrain.models.classifier import load_classifier
 
             self.integrity = verify_checkpoint(self.path, verify)  # a changed checkpoint is refused here
             state = read_checkpoint(self.path)
-            self.card = model_card(self.path, state, screening_rule)
+            self.card = deployment_metadata(self.path, state, screening_rule)
             self.session, self.model = None, load_classifier(state)
         self.heatmaps = heatmaps  # an ONNX model cannot make one: each prediction says so
         self.temperature = (self.card.get("temperature") or 1.0) if calibrated else 1.0

@@ -36,6 +36,13 @@ def write_json(path: Path, payload: dict) -> None:
     path.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def read_checkpoint(checkpoint: str | Path) -> dict:
+    """A checkpoint's contents, read with weights_only: a checkpoint never runs pickled code."""
+    import torch
+
+    return torch.load(checkpoint, map_location="cpu", weights_only=True)
+
+
 def run_directory(checkpoint: str | Path) -> Path:
     """Checkpoints live in ``<run>/checkpoints/``."""
     return Path(checkpoint).resolve().parent.parent
@@ -81,6 +88,16 @@ def latest_checkpoint(log_dir: str | Path = DEFAULT_LOG_DIR, task: str = "classi
     return runs[0]["checkpoint"]
 
 
+def final_checkpoint(callback) -> str:
+    """The checkpoint a run hands on: the best by its monitored metric, or with nothing monitored
+    (a generator) the last one, which holds the final weights its report and samples describe."""
+    if callback is None:
+        return ""
+    if callback.monitor is None:
+        return callback.last_model_path or callback.best_model_path
+    return callback.best_model_path or callback.last_model_path
+
+
 def run_summary(cfg: DictConfig, model, trainer, datamodule, metrics: dict, notes: list[str], seconds: float) -> dict:
     """The metrics.json of a run: every number under stable names and the facts needed to trust them."""
     import torch  # here, not at the top: commands that only read runs (card, compare) start faster
@@ -99,7 +116,7 @@ def run_summary(cfg: DictConfig, model, trainer, datamodule, metrics: dict, note
             "epochs_trained": trainer.current_epoch,
             "max_epochs": cfg.trainer.max_epochs,
             "train_seconds": round(seconds, 1),
-            "best_checkpoint": (checkpoint.best_model_path or checkpoint.last_model_path) if checkpoint else "",
+            "best_checkpoint": final_checkpoint(checkpoint),
             "device": str(trainer.strategy.root_device),
             "torch_threads": torch.get_num_threads(),
             "seed": cfg.get("seed"),

@@ -27,13 +27,20 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from fetalbrain.card import verify_checkpoint
 from fetalbrain.data.images import read_grayscale
 from fetalbrain.data.synthetic import read_synthetic_folder
 from fetalbrain.data.transforms import build_pipeline, preprocessing
-from fetalbrain.evaluation.synthetic import closest_pairs_figure, memorisation, per_class_quality
+from fetalbrain.evaluation.synthetic import (
+    closest_pairs_figure,
+    fid_kid,
+    knn_precision_recall,
+    matched_subsample,
+    memorisation,
+    per_class_quality,
+)
+from fetalbrain.integrity import verify_checkpoint
 from fetalbrain.models.classifier import load_classifier
-from fetalbrain.runs import CONFIG_FILE, latest_checkpoint, read_summary, write_json
+from fetalbrain.runs import CONFIG_FILE, read_summary, write_json
 
 log = logging.getLogger(__name__)
 # torchmetrics' Inception features need torch-fidelity and weights downloaded from GitHub: not offline.
@@ -99,7 +106,7 @@ def tstr(run_dir: Path | None, folder: Path) -> tuple[dict, list[str]]:
     synthetic = summary["data"].get("synthetic") or {}
     notes = []
     if synthetic.get("mix") != "synthetic" or Path(synthetic.get("folder", "")).resolve() != folder.resolve():
-        notes.append(f"TSTR run {run_dir} was not trained with data.mix=synthetic on {folder}: read with care")
+        raise ValueError(f"tstr_run={run_dir} was not trained with data.mix=synthetic data.synthetic={folder}")
     return {f"tstr/{k.split('/', 1)[1]}": summary["metrics"][k] for k in TSTR_METRICS if k in summary["metrics"]}, notes
 
 
@@ -113,13 +120,38 @@ def memorisation_summary(result: dict, labels: np.ndarray, class_names: list[str
     }
 
 
+def matched_comparison(feats: dict, fake_labels: np.ndarray, val_labels: np.ndarray, cfg: DictConfig) -> dict:
+    """Synthetic vs real train on the same footing as real validation vs real train.
+
+    FID grows as sets shrink and every score follows the class mix, so the synthetic set is subsampled
+    to the validation part's size and per-class counts (``cfg.repeats`` draws, mean and std)."""
+    rng = np.random.default_rng(cfg.seed)
+    kid = dict(kid_subset_size=cfg.kid_subset_size, kid_subsets=cfg.kid_subsets, seed=cfg.seed)
+    draws = []
+    for _ in range(cfg.repeats):
+        index = matched_subsample(fake_labels, val_labels, rng)
+        quality = fid_kid(feats["train"], feats["fake"][index], **kid)
+        draws.append({**quality, **knn_precision_recall(feats["train"], feats["fake"][index], k=cfg.knn_k)})
+    reference = {
+        **fid_kid(feats["train"], feats["val"], **kid),
+        **knn_precision_recall(feats["train"], feats["val"], k=cfg.knn_k),
+    }
+    metrics = {}
+    for key, name in (("fid", "fid"), ("kid_mean", "kid"), ("precision", "precision"), ("recall", "recall")):
+        values = [d[key] for d in draws]
+        metrics[f"quality/{name}"] = float(np.mean(values))
+        metrics[f"quality/{name}_std"] = float(np.std(values))
+        metrics[f"quality/reference_{name}_train_vs_val"] = float(reference[key])
+    return metrics
+
+
 def evaluate_quality(cfg: DictConfig) -> dict:
     started = time.perf_counter()
     folder = Path(cfg.synthetic).expanduser()
     manifest, info, _ = read_synthetic_folder(folder)
     out = Path(cfg.out) if cfg.out else folder / "quality"
     out.mkdir(parents=True, exist_ok=True)
-    checkpoint = Path(cfg.classifier) if cfg.classifier else latest_checkpoint(Path(cfg.paths.log_dir))
+    checkpoint = Path(cfg.classifier)
     verify_checkpoint(checkpoint, cfg.verify)
     space = FeatureSpace(checkpoint, cfg.batch_size)
     datamodule = generator_split(info)
@@ -127,8 +159,15 @@ def evaluate_quality(cfg: DictConfig) -> dict:
     unknown = sorted(set(space.model.hparams.class_names) ^ set(class_names))
     if unknown:
         raise ValueError(f"classifier={checkpoint} was trained on other classes than the generator: {unknown}")
+    # Real images pass through the generator's resolution first, so that both sets reach the classifier
+    # equally sharp: otherwise the distances measure the upsampling blur of the synthetic images.
+    size = int(info["image_size"])
     train_images, train_targets = datamodule.part_images("train")
     val_images, val_targets = datamodule.part_images("val")
+    train_images, val_images = (
+        [cv2.resize(im, (size, size), interpolation=cv2.INTER_AREA) for im in images]
+        for images in (train_images, val_images)
+    )
     train_labels = np.array([class_names[t] for t in train_targets])
     val_labels = np.array([class_names[t] for t in val_targets])
     fake_images = [read_grayscale(p) for p in manifest["path"]]
@@ -156,17 +195,9 @@ def evaluate_quality(cfg: DictConfig) -> dict:
         )
     tstr_metrics, notes = tstr(Path(cfg.tstr_run) if cfg.tstr_run else None, folder)
     notes.append(INCEPTION_NOTE)
-    overall = per_class.set_index("class").loc["overall"]
-    scale = reference.set_index("class").loc["overall"]
+    matched = matched_comparison(feats, fake_labels, val_labels, cfg)
     metrics = {
-        "quality/fid": overall["fid"],
-        "quality/kid": overall["kid_mean"],
-        "quality/precision": overall["precision"],
-        "quality/recall": overall["recall"],
-        "quality/reference_fid_train_vs_val": scale["fid"],
-        "quality/reference_kid_train_vs_val": scale["kid_mean"],
-        "quality/reference_precision": scale["precision"],
-        "quality/reference_recall": scale["recall"],
+        **matched,
         "memorisation/pixels_fraction_below": memo["pixels"]["fraction_below"],
         "memorisation/features_fraction_below": memo["features"]["fraction_below"],
         **tstr_metrics,
@@ -182,6 +213,7 @@ def evaluate_quality(cfg: DictConfig) -> dict:
         "feature_space": {"classifier": str(checkpoint), "dims": int(feats["train"].shape[1])},
         "real": {"train_images": len(train_images), "val_images": len(val_images), "split": info.get("split")},
         "notes": notes,
+        "settings": {k: cfg[k] for k in ("repeats", "min_images", "knn_k", "percentile", "pixel_size", "seed")},
         "seconds": round(time.perf_counter() - started, 1),
     }
     write_json(out / "quality.json", result)
@@ -201,14 +233,24 @@ def markdown(result: dict, per_class: pd.DataFrame, reference: pd.DataFrame) -> 
         f"({result['real']['val_images']} images) gives the real-vs-real scale. Feature space: the penultimate layer "
         f"of `{result['feature_space']['classifier']}` ({result['feature_space']['dims']} dims).",
         "",
+        "Synthetic subsets are drawn to the validation part's size and class mix "
+        f"({result['settings']['repeats']} draws: mean ± std), so both columns compare like with like.",
+        "",
         "| | synthetic vs real train | real val vs real train (scale) |",
         "|---|---|---|",
-        f"| FID | {m['quality/fid']:.2f} | {m['quality/reference_fid_train_vs_val']:.2f} |",
-        f"| KID | {m['quality/kid']:.4f} | {m['quality/reference_kid_train_vs_val']:.4f} |",
-        f"| k-NN precision | {m['quality/precision']:.3f} | {m['quality/reference_precision']:.3f} |",
-        f"| k-NN recall | {m['quality/recall']:.3f} | {m['quality/reference_recall']:.3f} |",
+        *(
+            f"| {label} | {m[f'quality/{key}']:.{digits}f} ± {m[f'quality/{key}_std']:.{digits}f} | "
+            f"{m[f'quality/reference_{key}_train_vs_val']:.{digits}f} |"
+            for label, key, digits in (
+                ("FID", "fid", 2),
+                ("KID", "kid", 4),
+                ("k-NN precision", "precision", 3),
+                ("k-NN recall", "recall", 3),
+            )
+        ),
         "",
-        f"**Memorisation**: fraction of synthetic images closer to a training image than the "
+        "**Memorisation** (one threshold for all classes): fraction of synthetic images closer to a training "
+        "image than the "
         f"{memo['pixels']['percentile']:.0f}th percentile of real-val-to-train distances (independent images: "
         f"about {memo['pixels']['percentile'] / 100:.2f}): pixels {memo['pixels']['fraction_below']:.3f}, "
         f"features {memo['features']['fraction_below']:.3f}. Closest pairs: `closest_pairs_pixels.png`, "

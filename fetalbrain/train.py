@@ -75,7 +75,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         log.warning("Report: %s", note)
     summary = run_summary(cfg, model, trainer, datamodule, metrics, report.notes, train_seconds)
     write_json(output_dir / SUMMARY_FILE, summary)
-    write_model_card(output_dir)
+    write_model_card(output_dir, rehash=True)  # these weights are the ones the metrics above describe
     log_report(trainer.loggers, report)
     log.info("Test: %s", {k: round(v, 4) for k, v in metrics.items() if k.startswith("test/")})
     log.info("Run directory: %s", output_dir)

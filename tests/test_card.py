@@ -1,23 +1,21 @@
 """Model cards and checkpoint integrity, on fake run directories (no training: seconds)."""
 
 import json
+import logging
 import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import yaml
 
-from fetalbrain.card import (
-    CheckpointIntegrityError,
-    find_card,
-    sha256_file,
-    verify_checkpoint,
-    write_model_card,
-)
+from fetalbrain.card import main, write_model_card
+from fetalbrain.compare import summarise
+from fetalbrain.integrity import CheckpointIntegrityError, find_card, sha256_file, verify_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,6 +84,7 @@ def make_run(
             },
             "skipped_images": [],
             "synthetic": None,
+            "limitations": ["`normal` images come from another acquisition (BCNatal FETAL_PLANES_DB)"],
         },
         "classes": ["hydracenphaly", "normal", "vein-of-galen"],
         "notes": ["classes absent from the test part: Hydranencephaly, Vein of Galen malformation"],
@@ -106,7 +105,7 @@ def flip_byte(path: Path, offset: int = -1) -> None:
 
 
 def cli(*runs: Path) -> list[subprocess.CompletedProcess]:
-    """``python -m fetalbrain.card RUN`` for each run, concurrently: each start imports torch."""
+    """``python -m fetalbrain.card RUN`` for each run, concurrently."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "NO_ALBUMENTATIONS_UPDATE": "1"}
     command = [sys.executable, "-m", "fetalbrain.card"]
     processes = [
@@ -143,8 +142,12 @@ def test_card_files_hold_hashes_leakage_and_intended_use(tmp_path):
     assert card["shortcut"]["border_only_test_auroc"] == 0.84
     assert card["training"]["optimizer"] == {"name": "AdamW", "lr": 0.001, "weight_decay": 0.01}
     assert "not for diagnosis" in card["intended_use"]["not_for"]
-    assert any("BCNatal FETAL_PLANES_DB" in item for item in card["limitations"])
-    assert any("single" in item and "case" in item for item in card["limitations"])
+    assert "classifying" in card["intended_use"]["use"]
+    # the data config's dataset facts, as sentences; the run's own numbers for the rest
+    assert "`normal` images come from another acquisition (BCNatal FETAL_PLANES_DB)." in card["limitations"]
+    assert any("not a medical device" in item for item in card["limitations"])
+    assert any("Not evaluated" in item and "Vein of Galen malformation" in item for item in card["limitations"])
+    assert any("border_only" in item and "0.84" in item for item in card["limitations"])  # a shortcut baseline
     leak = "of its 176 images, 171 share a source image with the training part, 175 a case, 175 a duplicate group"
     assert any(leak in item for item in card["limitations"])
     assert card["notes"] == ["classes absent from the test part: Hydranencephaly, Vein of Galen malformation"]
@@ -166,7 +169,7 @@ def test_card_files_hold_hashes_leakage_and_intended_use(tmp_path):
     assert "vein-of-galen" not in markdown
 
 
-def test_card_copes_with_missing_keys(tmp_path):
+def test_card_copes_with_missing_keys_and_a_generator_is_not_a_classifier(tmp_path):
     run = tmp_path / "bare"
     run.mkdir()
     (run / "metrics.json").write_text(json.dumps({"metrics": {"gan/wasserstein": 1.5}, "run": {"task": "generation"}}))
@@ -174,7 +177,19 @@ def test_card_copes_with_missing_keys(tmp_path):
     assert card["metrics"]["run"] == {"gan/wasserstein": 1.5}
     assert card["checkpoints"] == {} and card["calibration"] is None and card["screening"] is None
     assert "config.yaml is missing" in card["notes"][0]
-    assert "No checkpoint" in (run / "model_card.md").read_text()
+    markdown = (run / "model_card.md").read_text()
+    assert "No checkpoint" in markdown
+    assert "generating synthetic" in card["intended_use"]["use"]
+    assert "classif" not in json.dumps(card["intended_use"]) + json.dumps(card["limitations"])
+    assert "classif" not in markdown.lower()
+    # no dataset facts invented for a run whose data config states none
+    assert not any(word in " ".join(card["limitations"]) for word in ("BCNatal", "212", "81 cases", "single case"))
+
+
+def test_integrity_imports_nothing_heavy():
+    code = "import sys, fetalbrain.integrity; print([m for m in ('torch', 'scipy', 'pandas') if m in sys.modules])"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "[]", result.stderr
 
 
 def test_fold_intervals(tmp_path):
@@ -197,19 +212,37 @@ def test_fold_intervals(tmp_path):
     assert math.isclose(card["metrics"]["run"]["test/accuracy"], 0.2)
 
 
-def test_verify_checkpoint(tmp_path):
+def test_fold_intervals_equal_compares(tmp_path):
+    values = (0.61, 0.55, 0.72, 0.58)
+    runs = [make_run(tmp_path / str(i), accuracy=a, fold=i) for i, a in enumerate(values)]
+    card = write_model_card(runs[0], runs)["metrics"]["folds"]["metrics"]["test/balanced_accuracy"]
+    table = pd.DataFrame({"group": "g", "test/balanced_accuracy": [a - 0.1 for a in values]})
+    row = summarise(table).set_index("metric").loc["test/balanced_accuracy"]
+    assert card["n"] == row["n"] == 4
+    for key in ("mean", "std", "ci95_low", "ci95_high"):
+        assert card[key] == pytest.approx(row[key], rel=1e-12), key
+
+
+def test_verify_checkpoint(tmp_path, caplog, capsys):
     run = make_run(tmp_path / "run")
     best = run / "checkpoints" / "epoch_003.ckpt"
     assert find_card(best) is None
-    assert verify_checkpoint(best) == "no card"
+    with caplog.at_level(logging.WARNING, logger="fetalbrain.integrity"):
+        assert verify_checkpoint(best) == "no card"
+    assert "could not be verified" in caplog.text and "epoch_003.ckpt" in caplog.text
     write_model_card(run)
-    assert find_card(best) == run / "model_card.json"
+    assert find_card(best) == (run / "model_card.json", best)
     assert verify_checkpoint(best) == "verified"
     link = tmp_path / "deployed.ckpt"  # a link to a run's checkpoint is checked against that run's card
     link.symlink_to(best)
-    assert find_card(link) == run / "model_card.json" and verify_checkpoint(link) == "verified"
-    torch.save({"x": torch.zeros(3)}, run / "checkpoints" / "epoch_009.ckpt")
-    assert verify_checkpoint(run / "checkpoints" / "epoch_009.ckpt") == "not listed"
+    assert find_card(link)[0] == run / "model_card.json" and verify_checkpoint(link) == "verified"
+
+    copy = run / "checkpoints" / "epoch_009.ckpt"  # e.g. a modified copy under a new name: refused
+    torch.save({"x": torch.full((3,), 9.0)}, copy)
+    with pytest.raises(CheckpointIntegrityError, match="epoch_009.ckpt.*not listed.*model_card.json.*verify=false"):
+        verify_checkpoint(copy)
+    assert verify_checkpoint(copy, verify=False) == "skipped"
+    assert main([str(run)]) == 1 and "UNLISTED epoch_009.ckpt" in capsys.readouterr().out
 
     expected = sha256_file(best)
     flip_byte(best)
@@ -237,7 +270,31 @@ def test_cli(tmp_path):
 
     assert changed.returncode == 1, changed.stderr
     assert "CHANGED  last.ckpt" in changed.stdout and "MISSING  epoch_003.ckpt" in changed.stdout
-    assert "changed or missing" in changed.stderr
+    assert "changed, missing or not listed" in changed.stderr
 
     assert refused.returncode == 2
     assert str(not_a_run) in refused.stderr and "metrics.json" in refused.stderr
+
+
+def test_rewriting_a_card_keeps_the_recorded_hashes(tmp_path, capsys):
+    run = make_run(tmp_path / "run")
+    recorded = write_model_card(run)["checkpoints"]
+    torch.save({"x": torch.zeros(3)}, run / "checkpoints" / "epoch_005.ckpt")
+    assert "epoch_005.ckpt" in write_model_card(run)["checkpoints"]  # a new checkpoint is added
+    last = run / "checkpoints" / "last.ckpt"
+    flip_byte(last)
+
+    assert main([str(run), "--write"]) == 1  # refused: the card keeps the hash it recorded
+    error = capsys.readouterr().err
+    assert "last.ckpt" in error and "--rehash" in error and "may not describe" in error
+    assert json.loads((run / "model_card.json").read_text())["checkpoints"]["last.ckpt"] == recorded["last.ckpt"]
+    with pytest.raises(CheckpointIntegrityError, match="last.ckpt"):
+        write_model_card(run, [run])  # --folds rewrites the card too
+    assert main([str(run)]) == 1  # the check says so, and does not recommend a plain --write
+    error = capsys.readouterr().err
+    assert "changed" in error and "--write --rehash" in error and "--write if" not in error
+
+    assert main([str(run), "--write", "--rehash"]) == 0  # the new weights accepted knowingly
+    assert json.loads((run / "model_card.json").read_text())["checkpoints"]["last.ckpt"] == sha256_file(last)
+    assert verify_checkpoint(last) == "verified"
+    assert main([str(run), "--rehash"]) == 2  # --rehash alone would not rewrite anything

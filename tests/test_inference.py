@@ -159,7 +159,7 @@ def test_export_command_line_and_default_checkpoint(trained_checkpoint, tmp_path
 
 
 def test_a_changed_checkpoint_is_refused_unless_verification_is_off(trained_checkpoint, tmp_path):
-    from fetalbrain.card import CheckpointIntegrityError
+    from fetalbrain.integrity import CheckpointIntegrityError
 
     run = tmp_path / "run"
     shutil.copytree(trained_checkpoint.parent.parent, run)

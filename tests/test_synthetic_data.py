@@ -5,16 +5,21 @@ import json
 import shutil
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
+import torch
+from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from PIL import Image
 
+from fetalbrain.data.images import read_grayscale
 from fetalbrain.data.synthetic import SyntheticLeakError
 from fetalbrain.generate import generate
+from fetalbrain.synth_quality import evaluate_quality
 from fetalbrain.train import train
-from tests.conftest import TINY, make_export, run_cli, train_config
+from tests.conftest import CONF, TINY, make_export, run_cli, train_config
 
 GAN = [
     *TINY,
@@ -133,6 +138,65 @@ def test_a_generator_that_saw_this_test_part_is_refused(small_root, generated):
         datamodule(small_root, generated, "hybrid", fold=1)  # the generator trained on fold 0's train part
 
 
+def copy_with_seen(generated: Path, folder: Path, seen: pd.DataFrame) -> Path:
+    shutil.copytree(generated, folder)
+    seen.to_csv(folder / "generator_train_images.csv", index=False)
+    return folder
+
+
+@pytest.mark.parametrize("part", ["test", "val"])
+def test_a_generator_that_saw_only_a_case_or_only_validation_is_refused(small_root, generated, tmp_path, part):
+    dm = datamodule(small_root, generated, "real")
+    row = dm.part_table(part).iloc[[0]][["path", "label", "case", "group"]]
+    if part == "test":  # another frame of the case, under another file name: the case alone must be caught
+        row = row.assign(path="elsewhere/another-frame.jpg")
+    folder = copy_with_seen(generated, tmp_path / part, row)
+    with pytest.raises(
+        SyntheticLeakError,
+        match=f"trained on 0 {part} image\\(s\\) and 1 {part} case" if part == "test" else f"1 {part} image",
+    ):
+        datamodule(small_root, folder, "hybrid")
+
+
+def test_a_generator_refuses_synthetic_training_data(small_root, generated, tmp_path):
+    with train_config(
+        tmp_path, [*GAN, f"data.root={small_root}", f"data.synthetic={generated}", "data.mix=hybrid"]
+    ) as cfg:
+        with pytest.raises(ValueError, match="trains on real images only"):
+            train(cfg)
+
+
+def test_a_diverged_generator_keeps_its_record_of_seen_images(small_root, tmp_path):
+    from fetalbrain.models.gan import GANDivergedError
+
+    with train_config(tmp_path, [*GAN, f"data.root={small_root}", "model.max_critic_loss=1e-9"]) as cfg:
+        with pytest.raises(GANDivergedError, match="diverged at epoch 0"):
+            train(cfg)
+    assert len(pd.read_csv(tmp_path / "train_images.csv")) > 0
+
+
+def test_a_changed_generator_checkpoint_is_refused(generator_run, tmp_path):
+    from fetalbrain.integrity import CheckpointIntegrityError
+
+    run = tmp_path / "run"
+    shutil.copytree(generator_run[0], run)
+    checkpoint = run / "checkpoints" / "last.ckpt"
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    key = next(k for k in state["state_dict"] if k.startswith("generator."))
+    state["state_dict"][key] += 0.5
+    torch.save(state, checkpoint)
+    with pytest.raises(CheckpointIntegrityError, match="last.ckpt"):
+        generate(checkpoint, tmp_path / "out", num=1)
+    assert len(generate(checkpoint, tmp_path / "out", num=1, verify=False)) == 16
+
+
+def test_classifier_loaders_refuse_a_generator_checkpoint(generator_run):
+    from fetalbrain.models.classifier import load_classifier
+
+    with pytest.raises(ValueError, match="WGAN-GP generator checkpoint"):
+        load_classifier(generator_run[1]["run"]["best_checkpoint"])
+
+
 def test_hybrid_run_records_the_mix_and_generator(small_root, generated, tmp_path):
     overrides = [*TINY, "model=cnn", f"data.root={small_root}", "data.num_folds=3", f"data.synthetic={generated}"]
     with train_config(tmp_path, [*overrides, "data.mix=hybrid"]) as cfg:
@@ -144,23 +208,31 @@ def test_hybrid_run_records_the_mix_and_generator(small_root, generated, tmp_pat
     assert summary["run"]["task"] == "classification"
 
 
-def test_quality_report_of_a_generated_folder(generated, trained_checkpoint, tmp_path):
-    out = tmp_path / "quality"
-    run_cli(
-        "synth_quality",
-        f"synthetic={generated}",
-        f"classifier={trained_checkpoint}",
-        f"out={out}",
-        "min_images=4",
-        "kid_subsets=5",
-    )
-    result = json.loads((out / "quality.json").read_text())
-    metrics = result["metrics"]
-    assert metrics["quality/fid"] > 0 and 0 <= metrics["quality/precision"] <= 1
-    assert 0 <= metrics["memorisation/pixels_fraction_below"] <= 1
-    assert "quality/reference_fid_train_vs_val" in metrics
+def copies_of_training_images(generated: Path, seen_run: Path, folder: Path) -> Path:
+    """A 'generator' that copies its training images: the same folder, each PNG replaced by a real one."""
+    shutil.copytree(generated, folder)
+    seen = pd.read_csv(seen_run / "train_images.csv")
+    manifest = pd.read_csv(folder / "manifest.csv")
+    for i, row in manifest.iterrows():
+        same_class = seen[seen["label"] == row["class"]]
+        source = (same_class if len(same_class) else seen).iloc[i % max(len(same_class), 1)]["path"]
+        image = cv2.resize(read_grayscale(source), (32, 32), interpolation=cv2.INTER_AREA)
+        Image.fromarray(image).save(folder / row["file"])
+    return folder
+
+
+def test_quality_report_flags_a_generator_that_copies(generator_run, generated, trained_checkpoint, tmp_path):
+    options = [f"classifier={trained_checkpoint}", "min_images=4", "kid_subsets=5", "repeats=2"]
+    run_cli("synth_quality", f"synthetic={generated}", f"out={tmp_path / 'gan'}", *options)
+    copies = copies_of_training_images(generated, generator_run[0], tmp_path / "copies")
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        evaluate_quality(compose("synth_quality", [f"synthetic={copies}", f"out={tmp_path / 'copied'}", *options]))
+    gan, copied = (json.loads((tmp_path / n / "quality.json").read_text())["metrics"] for n in ("gan", "copied"))
+    assert copied["memorisation/pixels_fraction_below"] > 0.9 > gan["memorisation/pixels_fraction_below"]
+    assert copied["quality/fid"] < gan["quality/fid"]  # copies look like the training images; a 4-batch GAN does not
+    assert 0 <= gan["quality/precision"] <= 1 and "quality/reference_fid_train_vs_val" in gan
     for name in ("quality.md", "per_class_quality.csv", "closest_pairs_pixels.png", "closest_pairs_features.png"):
-        assert (out / name).is_file(), name
+        assert (tmp_path / "gan" / name).is_file(), name
 
 
 def test_a_copied_generated_folder_without_its_manifest_is_refused(small_root, generated, tmp_path):

@@ -76,6 +76,7 @@ class FetalBrainDataModule(L.LightningDataModule):
         synthetic: str | None = None,
         mix: str = "real",
         synthetic_ratio: float = 0.5,
+        limitations: list[str] | None = None,
     ):
         super().__init__()
         if group_level not in ("source", "case"):
@@ -88,6 +89,7 @@ class FetalBrainDataModule(L.LightningDataModule):
             raise ValueError(f"data.sampler={sampler!r}: choose none or weighted")
         if mix not in MIXES:
             raise ValueError(f"data.mix={mix!r}: choose one of {', '.join(MIXES)}")
+        limitations = [str(text) for text in limitations or []]  # plain values: checkpoints load weights_only
         self.save_hyperparameters(ignore=["transforms"])
         self.augment_cfg = (transforms or {}).get("augment") or []
         self.table = None  # set by setup(): path, label, split, source, case, group, part, target
@@ -114,7 +116,7 @@ class FetalBrainDataModule(L.LightningDataModule):
             seed=hp.split_seed,
         )
         table, self.synthetic = mix_synthetic(
-            table, self.class_names, hp.synthetic, hp.mix, hp.synthetic_ratio, hp.split_seed
+            table, self.class_names, hp.synthetic, hp.mix, hp.synthetic_ratio, hp.split_seed, hp.image_size
         )
         images += self._decode_all(table.iloc[len(images) :])  # synthetic rows, appended after the real ones
         table["target"] = table["label"].map({name: i for i, name in enumerate(self.class_names)})
@@ -190,9 +192,16 @@ class FetalBrainDataModule(L.LightningDataModule):
         }
 
     def data_summary(self) -> dict:
+        hp = self.hparams
+        grouped = hp.splitter == "grouped"
         return {
-            "root": str(Path(self.hparams.root)),
+            "root": str(Path(hp.root)),
             "split": asdict(self.split_report),
+            "fold": hp.fold if grouped else None,
+            "num_folds": hp.num_folds if grouped else None,
+            "group_level": hp.group_level,
+            "split_seed": hp.split_seed,
+            "limitations": list(hp.limitations or []),
             "skipped_images": self.skipped,
             "synthetic": self.synthetic,
         }

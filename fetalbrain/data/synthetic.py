@@ -91,12 +91,22 @@ def choose_synthetic(
 
 
 def mix_synthetic(
-    table: pd.DataFrame, class_names: list[str], folder: str | Path | None, mix: str, ratio: float, seed: int
+    table: pd.DataFrame,
+    class_names: list[str],
+    folder: str | Path | None,
+    mix: str,
+    ratio: float,
+    seed: int,
+    image_size: int | None = None,
 ) -> tuple[pd.DataFrame, dict | None]:
     """Add the chosen synthetic images to the training part; return the table and what was mixed."""
     if mix not in MIXES:
         raise ValueError(f"data.mix={mix!r}: choose one of {', '.join(MIXES)}")
     if mix == "real":
+        if folder:
+            log.warning(
+                "data.synthetic=%s is ignored with data.mix=real (choose synthetic, hybrid or oversample)", folder
+            )
         return table, None
     if not folder:
         raise ValueError(f"data.mix={mix} needs data.synthetic=DIR (a folder written by python -m fetalbrain.generate)")
@@ -111,6 +121,14 @@ def mix_synthetic(
             f"(known: {', '.join(class_names)})"
         )
     check_no_leak(table, seen, folder)
+    if image_size and info.get("image_size") and info["image_size"] < image_size:
+        log.warning(
+            "data.synthetic=%s holds %d px images, upsampled to data.image_size=%d: real and synthetic images "
+            "differ in sharpness, a cue the classifier can learn",
+            folder,
+            info["image_size"],
+            image_size,
+        )
     real_train = table["part"] == "train"
     real_counts = table.loc[real_train, "label"].value_counts().to_dict()
     chosen = choose_synthetic(manifest, real_counts, mix, ratio, seed)
@@ -134,6 +152,8 @@ def mix_synthetic(
         "mix": mix,
         "ratio": ratio if mix == "hybrid" else None,
         "added": {label: int(n) for label, n in chosen["class"].value_counts().sort_index().items()},
+        "synthetic_share": round(len(rows) / (len(rows) + (0 if mix == "synthetic" else int(real_train.sum()))), 4),
+        "image_size": info.get("image_size"),
         "real_train_images": int(real_train.sum()) if mix != "synthetic" else 0,
         "generator_checkpoint": info.get("generator_checkpoint"),
         "generator_sha256": info.get("generator_sha256"),

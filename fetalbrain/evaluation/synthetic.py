@@ -311,3 +311,14 @@ def per_class_quality(
     ]
     rows.append(score("overall", "Overall", real_feats, fake_feats))
     return pd.DataFrame(rows)
+
+
+def matched_subsample(fake_labels, target_labels, rng: np.random.Generator) -> np.ndarray:
+    """Indices of fakes with the same size and per-class counts as ``target_labels`` (capped per class by
+    the fakes available): compared sets must share their class mix, or the scores measure the mix."""
+    fake_labels, target_labels = np.asarray(fake_labels), np.asarray(target_labels)
+    chosen = []
+    for label, count in zip(*np.unique(target_labels, return_counts=True)):
+        pool = np.flatnonzero(fake_labels == label)
+        chosen.append(rng.choice(pool, size=min(count, len(pool)), replace=False))
+    return np.concatenate(chosen) if chosen else np.array([], dtype=int)

@@ -13,8 +13,7 @@ from torchmetrics import MaxMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from fetalbrain.evaluation.metrics import classification_metrics
-from fetalbrain.evaluation.report import classification_report
-from fetalbrain.runs import Report
+from fetalbrain.runs import Report, read_checkpoint
 
 
 class Classifier(L.LightningModule):
@@ -171,6 +170,8 @@ class Classifier(L.LightningModule):
 
     def report(self, trainer, datamodule, run_dir: Path, options) -> Report:
         """The task's end-of-run report: test the best checkpoint, write the classification report."""
+        from fetalbrain.evaluation.report import classification_report  # plots and sklearn: not for inference
+
         return classification_report(self, trainer, datamodule, run_dir, options)
 
     def configure_optimizers(self):
@@ -188,15 +189,14 @@ class Classifier(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "val/loss"}}
 
 
-def read_checkpoint(checkpoint: str | Path) -> dict:
-    """A checkpoint's contents, read with weights_only: a checkpoint never runs pickled code."""
-    return torch.load(checkpoint, map_location="cpu", weights_only=True)
-
-
 def load_classifier(checkpoint: str | Path | dict) -> Classifier:
     """Rebuild a trained classifier from its checkpoint alone (a path, or its already-read contents)."""
     state = checkpoint if isinstance(checkpoint, dict) else read_checkpoint(checkpoint)
-    hparams = dict(state["hyper_parameters"])
+    hparams = dict(state.get("hyper_parameters") or {})
+    if "net" not in hparams or "class_names" not in hparams:
+        source = "" if isinstance(checkpoint, dict) else f"{checkpoint}: "
+        kind = "a WGAN-GP generator" if "latent_dim" in hparams else "not a fetalbrain classifier"
+        raise ValueError(f"{source}{kind} checkpoint; pass the checkpoint of a classification run")
     net = dict(hparams.pop("net"))
     net.update({k: v for k, v in (("pretrained", False), ("weights", None)) if k in net})
     model = Classifier(net=net, **hparams)

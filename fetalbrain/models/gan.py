@@ -20,10 +20,12 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 from fetalbrain.data.classes import display_name
-from fetalbrain.runs import Report
+from fetalbrain.runs import Report, read_checkpoint
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+TRAIN_IMAGES_FILE = "train_images.csv"  # the real images a generator saw: generate copies it, mixes check it
 
 
 class GANDivergedError(RuntimeError):
@@ -383,6 +385,28 @@ class ConditionalWGANGP(L.LightningModule):
         self._log_samples(path)
 
     # ---- the end-of-run report ------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        """Refuse what would make the record of seen images wrong, then write that record before the first
+        step: a diverged run's last good checkpoint must still say which images it learnt from."""
+        trainer, datamodule = self.trainer, self.trainer.datamodule
+        if trainer.world_size > 1:
+            raise ValueError(
+                f"model=wgan_gp trains on one device (got {trainer.world_size} processes): the gradient penalty's "
+                "double backward is fragile under DDP; run several generators (folds) in parallel instead"
+            )
+        if datamodule is None:
+            return  # plain dataloaders (tests, benchmark): no split to record
+        if getattr(datamodule, "synthetic", None):
+            raise ValueError(
+                "model=wgan_gp trains on real images only: set data.mix=real (a generator trained on synthetic "
+                "images would hide which real images it learnt from)"
+            )
+        if trainer.is_global_zero:
+            run_dir = Path(trainer.default_root_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            train = datamodule.part_table("train")
+            train[["path", "label", "case", "group"]].to_csv(run_dir / TRAIN_IMAGES_FILE, index=False)
+
     def report(self, trainer, datamodule, run_dir: Path, options=None) -> Report:
         """Final samples, the training images the generator saw, and what its classes were learnt from.
 
@@ -393,7 +417,6 @@ class ConditionalWGANGP(L.LightningModule):
         run_dir.mkdir(parents=True, exist_ok=True)
         path = self.sample_grid(run_dir / "samples.png", f"{self.hparams.name}: final EMA generator, fixed noise")
         train = datamodule.part_table("train")
-        train[["path", "label", "case", "group"]].to_csv(run_dir / "train_images.csv", index=False)
         metrics = {"gan/critic_steps": float(self.critic_steps), "gan/generator_steps": float(self.generator_steps)}
         for key in ("wasserstein", "critic_loss", "generator_loss", "gradient_penalty"):
             if f"train/{key}" in trainer.callback_metrics:
@@ -413,13 +436,15 @@ class ConditionalWGANGP(L.LightningModule):
 
 def load_gan(checkpoint: str | Path | dict) -> ConditionalWGANGP:
     """Rebuild a trained WGAN-GP from its checkpoint alone (a path, or its already-read contents)."""
-    state = (
-        checkpoint if isinstance(checkpoint, dict) else torch.load(checkpoint, map_location="cpu", weights_only=True)
-    )
+    state = checkpoint if isinstance(checkpoint, dict) else read_checkpoint(checkpoint)
     hparams = dict(state.get("hyper_parameters") or {})
     if "latent_dim" not in hparams or "net" in hparams:
         kind = "a classifier checkpoint" if "net" in hparams else "no GAN hyper-parameters"
-        raise ValueError(f"not a WGAN-GP checkpoint ({kind}): load it with the loader of its own model")
+        source = "" if isinstance(checkpoint, dict) else f"ckpt={checkpoint}: "
+        raise ValueError(
+            f"{source}not a WGAN-GP checkpoint ({kind}): pass a checkpoint of a model=wgan_gp run "
+            "(its checkpoints/last.ckpt)"
+        )
     model = ConditionalWGANGP(**hparams)
     model.load_state_dict(state["state_dict"])
     model.on_load_checkpoint(state)
