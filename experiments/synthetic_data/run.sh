@@ -23,7 +23,8 @@ export HF_HUB_OFFLINE=1 WANDB_MODE=offline NO_ALBUMENTATIONS_UPDATE=1
 
 fold_study() {
   local k=$1 dir=$OUT/fold$1
-  $PY -m fetalbrain.train model=wgan_gp data.fold="$k" data.image_size="$SIZE" data.num_workers=0 \
+  # A finished generator (its run has metrics.json) is reused: the study can be continued after a stop.
+  [ -f "$dir/gan/metrics.json" ] || $PY -m fetalbrain.train model=wgan_gp data.fold="$k" data.image_size="$SIZE" data.num_workers=0 \
     trainer="$TRAINER" trainer.max_epochs="$GAN_EPOCHS" model.generator_width="$GAN_WIDTH" \
     model.critic_width="$GAN_WIDTH" model.sample_every_n_epochs=10 logger=csv hydra.run.dir="$dir/gan"
   $PY -m fetalbrain.generate ckpt="$dir/gan/checkpoints/last.ckpt" num="$NUM" out="$dir/synthetic" seed=0 overwrite=true
