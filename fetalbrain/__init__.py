@@ -16,6 +16,24 @@ def _register_resolvers() -> None:
     # ${project_root:} lets configs name repo paths however the command was started.
     if not OmegaConf.has_resolver("project_root"):
         OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
+    # conf/hydra/default.yaml: resume=RUN_DIR runs Hydra in that folder (checked before Hydra creates
+    # anything) and leaves its .hydra/ (the original config and overrides) as the run wrote it.
+    if not OmegaConf.has_resolver("run_dir"):
+        OmegaConf.register_new_resolver("run_dir", _run_dir)
+    if not OmegaConf.has_resolver("hydra_subdir"):
+        OmegaConf.register_new_resolver("hydra_subdir", _hydra_subdir)
+
+
+def _run_dir(resume, new_run_dir: str) -> str:
+    if resume is None:
+        return new_run_dir
+    from fetalbrain.resume import check_resumable  # raises before Hydra creates or writes anything
+
+    return os.path.abspath(check_resumable(str(resume)))
+
+
+def _hydra_subdir(resume, ckpt_path) -> str | None:
+    return None if resume is not None or ckpt_path == "last" else ".hydra"
 
 
 _register_resolvers()

@@ -1,8 +1,9 @@
 """The run directory: one home for what a training run writes, and for finding runs again.
 
 ``<run>/`` holds ``config.yaml`` (resolved), ``.hydra/``, ``checkpoints/``, ``metrics.json`` (the
-summary: metrics, run facts, data and split, notes), ``model_card.md``/``.json`` and the task's
-report files. ``predict``, ``export``, ``generate``, ``compare`` and the GUI find runs here.
+summary: metrics, run facts, data and split, notes), ``model_card.md``/``.json``, the task's report
+files and, with W&B, ``wandb_run.json`` (the run id, so that a resumed run continues the same W&B run).
+``predict``, ``export``, ``generate``, ``compare`` and the GUI find runs here.
 """
 
 import json
@@ -19,6 +20,7 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "metrics.json"
 CHECKPOINT_DIR = "checkpoints"
+LAST_CHECKPOINT = f"{CHECKPOINT_DIR}/last.ckpt"
 DEFAULT_LOG_DIR = PROJECT_ROOT / "outputs"
 TASKS = ("classification", "generation")
 
@@ -120,6 +122,7 @@ def run_summary(cfg: DictConfig, model, trainer, datamodule, metrics: dict, note
             "device": str(trainer.strategy.root_device),
             "torch_threads": torch.get_num_threads(),
             "seed": cfg.get("seed"),
+            "resumed": cfg.get("resume") is not None,  # then train_seconds counts the resumed part only
         },
         "data": datamodule.data_summary(),
         "classes": datamodule.class_names,

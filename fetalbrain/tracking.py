@@ -2,20 +2,25 @@
 
 ``mode: auto`` logs online when an API key is configured and the server answers, otherwise offline
 (runs land in ``<run dir>/wandb/offline-run-*``; upload later with ``wandb sync``). ``WANDB_MODE``
-in the environment always wins.
+in the environment always wins. The W&B run id is kept in ``<run dir>/wandb_run.json`` so that a
+resumed run (``resume=RUN_DIR``) goes on in the same W&B run.
 """
 
+import json
 import logging
 import netrc
 import os
 import socket
 import sys
+from pathlib import Path
 from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import WandbLogger
+from omegaconf import DictConfig, open_dict
 
 log = logging.getLogger(__name__)
 MODES = ("auto", "online", "offline", "disabled")
+WANDB_RUN_FILE = "wandb_run.json"
 
 
 def _server() -> tuple[str, int]:
@@ -60,6 +65,30 @@ def wandb_logger(mode: str = "auto", log_model: bool = False, **kwargs) -> Wandb
         log.warning("W&B: log_model needs online mode; checkpoints stay in the run directory")
         log_model = False
     return WandbLogger(mode=mode, log_model=log_model, **kwargs)
+
+
+def record_wandb_run(loggers, run_dir: Path) -> None:
+    """Write the W&B run id into the run folder as soon as the run starts: a killed run has it too."""
+    for logger in loggers:
+        if isinstance(logger, WandbLogger) and logger.version:
+            payload = {"id": logger.version, "project": logger.name}
+            (Path(run_dir) / WANDB_RUN_FILE).write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def continue_wandb_run(cfg: DictConfig, run_dir: Path) -> None:
+    """Point the config's W&B logger at the run recorded in the run folder (``id=``, ``resume="allow"``)."""
+    entries = [e for e in (cfg.get("logger") or {}).values() if e and "wandb" in str(e.get("_target_", "")).lower()]
+    record = Path(run_dir) / WANDB_RUN_FILE
+    if not entries:
+        return
+    if not record.is_file():
+        log.warning("W&B: %s has no %s; the resumed run starts a new W&B run", run_dir, WANDB_RUN_FILE)
+        return
+    run_id = json.loads(record.read_text())["id"]
+    for entry in entries:
+        with open_dict(entry):
+            entry.id, entry.resume = run_id, "allow"
+    log.info("W&B: resuming run %s", run_id)
 
 
 def log_report(loggers, report) -> None:

@@ -5,7 +5,8 @@ the same data, trainer, callbacks and loggers serve every task, and after ``fit`
 its own report (``model.report``: a classifier tests its best checkpoint). Every run directory
 gets ``config.yaml`` (resolved; ``.hydra/`` keeps the composed one and the overrides), checkpoints,
 ``metrics.json`` and a model card (see ``fetalbrain.runs``). ``main`` returns the optimised metric
-so Hydra sweepers (grid, Optuna) can use it.
+so Hydra sweepers (grid, Optuna) can use it. ``resume=RUN_DIR`` continues a killed run in its own
+folder, exactly (see ``fetalbrain.resume``).
 """
 
 import logging
@@ -19,8 +20,9 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from fetalbrain.card import write_model_card
-from fetalbrain.runs import SUMMARY_FILE, run_summary, write_json
-from fetalbrain.tracking import finish_tracking, log_report
+from fetalbrain.resume import ReproducibleEpochs, resume_config
+from fetalbrain.runs import LAST_CHECKPOINT, SUMMARY_FILE, run_summary, write_json
+from fetalbrain.tracking import continue_wandb_run, finish_tracking, log_report, record_wandb_run
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,7 @@ def build(cfg: DictConfig):
     callbacks = [
         c for c in instantiate_group(cfg.get("callbacks")) if loggers or not isinstance(c, LearningRateMonitor)
     ]
+    callbacks.insert(0, ReproducibleEpochs())  # not a config choice: every run must be resumable exactly
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -57,15 +60,21 @@ def build(cfg: DictConfig):
 
 
 def train(cfg: DictConfig) -> tuple[dict, dict]:
-    """Fit, write the task's report, the summary and the model card. Returns (summary, objects)."""
+    """Fit, write the task's report, the summary and the model card. Returns (summary, objects).
+    With ``cfg.resume`` (set by ``resume_config``), continue that run from its last checkpoint."""
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)  # .hydra/ keeps the unresolved one
+    if cfg.get("resume") is None:
+        OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)  # .hydra/ keeps the unresolved one
+    else:  # the run's config.yaml stays as it started
+        continue_wandb_run(cfg, output_dir)
     datamodule, model, trainer = build(cfg)
+    record_wandb_run(trainer.loggers, output_dir)
+    ckpt_path = str(output_dir / LAST_CHECKPOINT) if cfg.get("resume") is not None else cfg.get("ckpt_path")
     started = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     train_seconds = time.perf_counter() - started
     fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
 
@@ -84,6 +93,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    cfg = resume_config(cfg)  # resume=RUN_DIR: that run's own config
     try:
         summary, _ = train(cfg)
     finally:

@@ -8,7 +8,7 @@ import lightning as L
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, WeightedRandomSampler, get_worker_info
 
 from fetalbrain.data.duplicates import duplicate_groups
 from fetalbrain.data.images import ImageReadError, read_grayscale
@@ -26,18 +26,29 @@ class UltrasoundDataset(Dataset):
     def __init__(self, paths, targets, transform, channels: int = 1, images=None):
         self.paths, self.targets, self.transform = list(paths), list(targets), transform
         self.channels, self.images = channels, images
-        self._transform_seed = None
+        self._base_seed = torch.initial_seed()  # the run's seed: seed_everything ran before the data set-up
+        # (epoch, rank) in shared memory: persistent loader workers keep their own copy of the dataset
+        # but see what set_epoch writes here.
+        self._epoch = torch.zeros(2, dtype=torch.int64).share_memory_()
+        self._seeded_for = None
 
     def __len__(self) -> int:
         return len(self.paths)
 
+    def set_epoch(self, epoch: int, rank: int = 0) -> None:
+        """Called before each training epoch and on resume (``ReproducibleEpochs``): augmentation depends on
+        the epoch, not on the process's history, so a resumed run sees the uninterrupted run's augmentations."""
+        self._epoch[0], self._epoch[1] = epoch, rank
+
     def _seed_transform(self) -> None:
-        """albumentations keeps its own RNG: derive it from torch's per-process seed, which
-        ``seed_everything(workers=True)`` makes reproducible and distinct in each loader worker."""
-        seed = torch.initial_seed() % 2**32
-        if seed != self._transform_seed:
-            self.transform.set_random_seed(seed)
-            self._transform_seed = seed
+        """albumentations keeps its own RNG: seed it from (seed, epoch, rank, loader worker), reproducible,
+        distinct in each worker and each epoch, and the same whether the run was resumed or not."""
+        worker = get_worker_info()
+        key = (*self._epoch.tolist(), worker.id if worker is not None else 0)
+        if key != self._seeded_for:
+            seed = np.random.SeedSequence([self._base_seed, *key]).generate_state(1)[0]
+            self.transform.set_random_seed(int(seed))
+            self._seeded_for = key
 
     def __getitem__(self, index: int):
         self._seed_transform()
@@ -207,6 +218,11 @@ class FetalBrainDataModule(L.LightningDataModule):
         }
 
     # ---- loaders --------------------------------------------------------------------------------
+    def set_epoch(self, epoch: int, rank: int = 0) -> None:
+        """Training augmentation follows the epoch (see ``UltrasoundDataset.set_epoch``)."""
+        if "train" in getattr(self, "datasets", {}):
+            self.datasets["train"].set_epoch(epoch, rank)
+
     def _loader(self, part: str, train: bool = False) -> DataLoader:
         dataset = self.datasets[part]
         sampler = None
@@ -214,16 +230,20 @@ class FetalBrainDataModule(L.LightningDataModule):
             counts = np.bincount(dataset.targets, minlength=self.num_classes)
             weights = 1.0 / counts[np.asarray(dataset.targets)]
             sampler = WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), len(dataset))
+        elif train:
+            sampler = RandomSampler(dataset)  # what shuffle=True builds: order from the global torch RNG
         workers = self.hparams.num_workers
         return DataLoader(
             dataset,
             batch_size=self.hparams.batch_size,
-            shuffle=train and sampler is None,
             sampler=sampler,
             drop_last=train and len(dataset) > self.hparams.batch_size,  # no size-1 BatchNorm batch
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
+            # Workers' base seed from the loader's own generator, not the global RNG: persistent workers
+            # start at epoch 0, or at the first epoch after a resume, where that draw would shift the shuffling.
+            generator=torch.Generator().manual_seed(torch.initial_seed()) if workers > 0 else None,
         )
 
     def train_dataloader(self):

@@ -66,6 +66,7 @@ class Classifier(L.LightningModule):
         self.test_metrics = metrics.clone(prefix="test/")
         self.train_accuracy = MulticlassAccuracy(num_classes=len(class_names), average="micro")
         self.val_best = MaxMetric()
+        self.val_best.persistent(True)  # in checkpoints: the best-so-far survives a resume
         self._test_probs, self._test_targets = [], []
         self.test_results: dict[str, torch.Tensor] = {}
 
@@ -100,9 +101,6 @@ class Classifier(L.LightningModule):
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         weight = self.class_weights if self.hparams.class_weighting == "balanced" else None
         return F.cross_entropy(logits, targets, weight=weight, label_smoothing=self.hparams.label_smoothing)
-
-    def on_train_start(self) -> None:
-        self.val_best.reset()  # the sanity check's validation must not count as a best score
 
     @property
     def backbone_is_pretrained(self) -> bool:
@@ -144,6 +142,8 @@ class Classifier(L.LightningModule):
         self.val_metrics.reset()
         self.log_dict({k: v for k, v in values.items() if k != "val/f1_macro"})
         self.log("val/f1_macro", values["val/f1_macro"], prog_bar=True)
+        if self.trainer.sanity_checking:  # not a best score: and a resumed run must keep its restored one
+            return
         self.val_best(values[self.hparams.monitor])
         self.log(f"{self.hparams.monitor}_best", self.val_best.compute(), prog_bar=True)
 

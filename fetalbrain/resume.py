@@ -1,0 +1,170 @@
+"""Exact resume in place: ``python -m fetalbrain.train resume=RUN_DIR`` continues a killed run.
+
+The run goes on in its own folder with its own resolved ``config.yaml`` (other overrides are refused),
+from ``checkpoints/last.ckpt``, written after every epoch (``conf/callbacks/default.yaml``). Lightning
+restores weights, optimizer, LR scheduler, loop counters and the callbacks' states (best-k of
+``ModelCheckpoint``, which needs the same ``dirpath``; early stopping). Added here and elsewhere: the
+RNG states (this module's callback, saved in every checkpoint), augmentation seeded from the epoch
+rather than from the process's history (``UltrasoundDataset.set_epoch``), shuffling unshifted by
+persistent workers starting late (``FetalBrainDataModule._loader``), the best-so-far metric (a
+persistent ``MaxMetric``) and the W&B run (``tracking.record_wandb_run``). Hydra's run folder is the
+resumed one and its ``.hydra/`` stays as the original run wrote it (``conf/hydra/default.yaml``).
+"""
+
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import CompactHydraException
+from hydra.types import RunMode
+from lightning.pytorch import Callback
+from lightning.pytorch.trainer.states import TrainerFn
+from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import InterpolationResolutionError
+
+from fetalbrain.runs import CONFIG_FILE, LAST_CHECKPOINT, SUMMARY_FILE
+
+log = logging.getLogger(__name__)
+
+
+class ResumeError(CompactHydraException, InterpolationResolutionError):
+    """A run that ``resume=`` cannot continue. Hydra prints it as a message, not a traceback, also when
+    the run-folder resolver raises it (before Hydra creates or writes anything)."""
+
+
+def check_resumable(run_dir: str | Path) -> Path:
+    """A run folder that can be continued: its resolved config and its last checkpoint, and no metrics.json
+    yet (written when a run finishes)."""
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise ResumeError(f"cannot resume {run_dir}: no such folder")
+    if not (path / CONFIG_FILE).is_file():
+        raise ResumeError(f"cannot resume {run_dir}: not a run folder (no {CONFIG_FILE}, which every run writes first)")
+    if not (path / LAST_CHECKPOINT).is_file():
+        raise ResumeError(
+            f"cannot resume {run_dir}: the run has no {LAST_CHECKPOINT} "
+            "(it stopped before its first epoch ended, or its checkpoint callback kept no last checkpoint)"
+        )
+    if (path / SUMMARY_FILE).is_file():
+        raise ResumeError(f"cannot resume {run_dir}: the run has finished (it wrote its {SUMMARY_FILE})")
+    return path
+
+
+def _collect_rng_states() -> dict:
+    """Every RNG a training epoch draws from, as plain values and tensors: checkpoints load weights_only."""
+    numpy_state = np.random.get_state(legacy=False)
+    states = {
+        "python": random.getstate(),
+        "numpy": {
+            "key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+            "pos": int(numpy_state["state"]["pos"]),
+            "has_gauss": int(numpy_state["has_gauss"]),
+            "gauss": float(numpy_state["gauss"]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["torch.cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict) -> None:
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy_state = states["numpy"]
+    np.random.set_state(
+        {
+            "bit_generator": "MT19937",
+            "state": {"key": numpy_state["key"].numpy().astype(np.uint32), "pos": numpy_state["pos"]},
+            "has_gauss": numpy_state["has_gauss"],
+            "gauss": numpy_state["gauss"],
+        }
+    )
+    torch.set_rng_state(states["torch"])
+    if "torch.cuda" in states and torch.cuda.is_available():
+        for device, state in enumerate(states["torch.cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, device)
+
+
+def _set_epoch(trainer, epoch: int) -> None:
+    datamodule = trainer.datamodule
+    if callable(getattr(datamodule, "set_epoch", None)):
+        datamodule.set_epoch(epoch, rank=trainer.global_rank)
+
+
+class ReproducibleEpochs(Callback):
+    """Makes epoch k+1 of a resumed run the epoch k+1 of the uninterrupted one.
+
+    Saves the Python, NumPy, torch (and CUDA) RNG states in every checkpoint and restores them with it, and
+    tells the data module the epoch (``set_epoch``: augmentation is seeded from it). Both happen as the
+    checkpoint is loaded: Lightning creates the first epoch's data iterator (shuffling, first batches)
+    before any epoch hook runs; the sanity check in between runs with isolated RNGs.
+    """
+
+    def __init__(self):
+        self._trainer = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._trainer = trainer
+
+    def state_dict(self) -> dict:
+        # Checkpoints are written as an epoch ends: the run goes on with the next one.
+        return {"rng": _collect_rng_states(), "next_epoch": self._trainer.current_epoch + 1}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if self._trainer is None or self._trainer.state.fn != TrainerFn.FITTING:
+            return  # testing a checkpoint restores no training state
+        _set_rng_states(state_dict["rng"])
+        _set_epoch(self._trainer, state_dict["next_epoch"])
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and self.state_key not in (checkpoint.get("callbacks") or {}):
+            log.warning(
+                "This checkpoint predates exact resume (no RNG states, no best-so-far metric): "
+                "training goes on from it, but not exactly as the uninterrupted run would have"
+            )
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        _set_epoch(trainer, trainer.current_epoch)
+
+
+def _override_keys(overrides) -> list[str]:
+    return [o.key_or_group for o in OverridesParser.create().parse_overrides(list(overrides))]
+
+
+def resume_config(cfg: DictConfig) -> DictConfig:
+    """The config to run: the composed one, or when resuming (``resume=RUN_DIR``, or ``ckpt_path=last``
+    with ``hydra.run.dir=RUN_DIR``) the run's own resolved config.yaml, with ``resume`` set to its folder."""
+    spelling = "resume" if cfg.get("resume") is not None else "ckpt_path" if cfg.get("ckpt_path") == "last" else None
+    if spelling is None:
+        return cfg
+    hydra = HydraConfig.get()
+    if hydra.mode == RunMode.MULTIRUN:
+        raise ResumeError(f"{spelling}=...: resuming continues one run; it cannot be combined with -m (multirun)")
+    run_dir = Path(hydra.runtime.output_dir)
+    if spelling == "resume" and Path(cfg.resume).resolve() != run_dir.resolve():
+        raise ResumeError(f"resume={cfg.resume} runs in that folder: drop hydra.run.dir={run_dir}")
+    extra = [key for key in _override_keys(hydra.overrides.task) if key != spelling]
+    if extra:
+        raise ResumeError(
+            f"{spelling}=...: {run_dir} resumes with its own config ({CONFIG_FILE}); remove the override(s) "
+            f"{', '.join(extra)}. To train on with other settings, start a new run from its weights: "
+            f"ckpt_path={run_dir / LAST_CHECKPOINT}"
+        )
+    check_resumable(run_dir)
+    saved = OmegaConf.load(run_dir / CONFIG_FILE)
+    recorded = OmegaConf.select(saved, "paths.output_dir")
+    if recorded is None or Path(recorded).resolve() != run_dir.resolve():
+        # The checkpoints name their folder too (best-k is only restored in the same dirpath).
+        raise ResumeError(
+            f"cannot resume {run_dir}: its {CONFIG_FILE} was written for {recorded} (a moved or copied run); "
+            f"resume works in place. To train on from here, start a new run: ckpt_path={run_dir / LAST_CHECKPOINT}"
+        )
+    with open_dict(saved):
+        saved.resume = str(run_dir)
+    log.info("Resuming %s from its last checkpoint", run_dir)
+    return saved
