@@ -22,7 +22,6 @@ SUMMARY_FILE = "metrics.json"
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = f"{CHECKPOINT_DIR}/last.ckpt"
 DEFAULT_LOG_DIR = PROJECT_ROOT / "outputs"
-TASKS = ("classification", "generation")
 
 
 @dataclass

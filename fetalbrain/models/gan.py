@@ -232,10 +232,6 @@ class ConditionalWGANGP(L.LightningModule):
         self.critic_steps = 0
         self.generator_steps = 0
 
-    @property
-    def num_classes(self) -> int:
-        return len(self.hparams.class_names)
-
     def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.generator(z, labels)
 
