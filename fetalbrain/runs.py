@@ -119,6 +119,7 @@ def run_summary(cfg: DictConfig, model, trainer, datamodule, metrics: dict, note
             "train_seconds": round(seconds, 1),
             "best_checkpoint": final_checkpoint(checkpoint),
             "device": str(trainer.strategy.root_device),
+            "processes": trainer.world_size,  # DDP ranks; the report covers the whole test set once
             "torch_threads": torch.get_num_threads(),
             "seed": cfg.get("seed"),
             "resumed": cfg.get("resume") is not None,  # then train_seconds counts the resumed part only

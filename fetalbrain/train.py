@@ -6,7 +6,8 @@ its own report (``model.report``: a classifier tests its best checkpoint). Every
 gets ``config.yaml`` (resolved; ``.hydra/`` keeps the composed one and the overrides), checkpoints,
 ``metrics.json`` and a model card (see ``fetalbrain.runs``). ``main`` returns the optimised metric
 so Hydra sweepers (grid, Optuna) can use it. ``resume=RUN_DIR`` continues a killed run in its own
-folder, exactly (see ``fetalbrain.resume``).
+folder, exactly (see ``fetalbrain.resume``). DDP on one node starts its ranks from the run's config,
+so that a DDP job of a multirun stays one job (see ``fetalbrain.distributed``).
 """
 
 import logging
@@ -15,21 +16,31 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
+from fetalbrain import distributed
 from fetalbrain.card import write_model_card
 from fetalbrain.resume import ReproducibleEpochs, resume_config
-from fetalbrain.runs import LAST_CHECKPOINT, SUMMARY_FILE, run_summary, write_json
+from fetalbrain.runs import CONFIG_FILE, LAST_CHECKPOINT, SUMMARY_FILE, read_summary, run_summary, write_json
 from fetalbrain.tracking import continue_wandb_run, finish_tracking, log_report, record_wandb_run
 
 log = logging.getLogger(__name__)
 
 
-def instantiate_group(group: DictConfig | None) -> list:
-    """Instantiate every entry of a ``callbacks``/``logger`` group (entries may be null to drop them)."""
-    return [instantiate(entry) for entry in (group or {}).values() if entry and "_target_" in entry]
+def instantiate_group(group: DictConfig | None, **defaults) -> list:
+    """Instantiate every entry of a ``callbacks``/``logger`` group (entries may be null to drop them).
+    ``defaults`` fill an entry's keys that are null (the W&B logger's job_type is the model's task)."""
+    return [
+        instantiate(entry, **{k: v for k, v in defaults.items() if k in entry and entry[k] is None})
+        for entry in (group or {}).values()
+        if entry and "_target_" in entry
+    ]
 
 
 def build_model(cfg: DictConfig, datamodule) -> L.LightningModule:
@@ -48,41 +59,54 @@ def build(cfg: DictConfig):
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
     model = build_model(cfg, datamodule)
-    loggers = instantiate_group(cfg.get("logger"))
+    loggers = instantiate_group(cfg.get("logger"), job_type=model.task)
     callbacks = [
         c for c in instantiate_group(cfg.get("callbacks")) if loggers or not isinstance(c, LearningRateMonitor)
     ]
     callbacks.insert(0, ReproducibleEpochs())  # not a config choice: every run must be resumable exactly
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    try:
+        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    except InstantiationException as error:  # e.g. more devices than the machine has: name the keys
+        if not isinstance(error.__cause__, MisconfigurationException):
+            raise
+        keys = " ".join(f"trainer.{k}={cfg.trainer.get(k)}" for k in ("accelerator", "devices", "strategy"))
+        gpus = torch.cuda.device_count()
+        raise ValueError(f"{keys}: {error.__cause__} (this machine has {gpus} CUDA GPU(s))") from error
+    # Top-level keys W&B groups and filters by: seed and task here; Lightning adds the data module's
+    # (fold, splitter, ...) and the model's hyper-parameters as fit starts.
     for logger in loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "task": model.task})
     return datamodule, model, trainer
 
 
 def train(cfg: DictConfig) -> tuple[dict, dict]:
     """Fit, write the task's report, the summary and the model card. Returns (summary, objects).
-    With ``cfg.resume`` (set by ``resume_config``), continue that run from its last checkpoint."""
+    With ``cfg.resume`` (set by ``resume_config``), continue that run from its last checkpoint.
+    Under DDP every rank runs this; rank 0 alone writes the run folder (the summary is rank 0's)."""
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if cfg.get("resume") is None:
-        OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)  # .hydra/ keeps the unresolved one
+        if rank_zero_only.rank == 0:  # .hydra/ keeps the unresolved config
+            OmegaConf.save(cfg, output_dir / CONFIG_FILE, resolve=True)
     else:  # the run's config.yaml stays as it started
         continue_wandb_run(cfg, output_dir)
     datamodule, model, trainer = build(cfg)
     record_wandb_run(trainer.loggers, output_dir)
     ckpt_path = str(output_dir / LAST_CHECKPOINT) if cfg.get("resume") is not None else cfg.get("ckpt_path")
-    started = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-    train_seconds = time.perf_counter() - started
-    fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-
-    report = model.report(trainer, datamodule, output_dir, cfg.evaluation)
+    with distributed.ranks(trainer, cfg, output_dir):
+        started = time.perf_counter()
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        train_seconds = time.perf_counter() - started
+        fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        report = model.report(trainer, datamodule, output_dir, cfg.evaluation)  # every rank tests its share
     metrics = {**fit_metrics, **{k: float(v) for k, v in trainer.callback_metrics.items()}, **report.metrics}
+    summary = run_summary(cfg, model, trainer, datamodule, metrics, report.notes, train_seconds)
+    if not trainer.is_global_zero:
+        return summary, {"datamodule": datamodule, "model": model, "trainer": trainer}
     for note in report.notes:
         log.warning("Report: %s", note)
-    summary = run_summary(cfg, model, trainer, datamodule, metrics, report.notes, train_seconds)
     write_json(output_dir / SUMMARY_FILE, summary)
     write_model_card(output_dir, rehash=True)  # these weights are the ones the metrics above describe
     log_report(trainer.loggers, report)
@@ -93,7 +117,10 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    cfg = resume_config(cfg)  # resume=RUN_DIR: that run's own config
+    cfg = resume_config(cfg)  # resume=RUN_DIR, or a sweep job run again into its folder: that run's config
+    if cfg.get("resume") is not None and (Path(cfg.resume) / SUMMARY_FILE).is_file():
+        log.info("%s has finished: skipped (its metrics.json answers the sweeper)", cfg.resume)
+        return read_summary(cfg.resume)["metrics"].get(cfg.get("optimized_metric"))
     try:
         summary, _ = train(cfg)
     finally:

@@ -8,6 +8,7 @@ predictions.csv. Metrics (stable names): ``test/ece``, ``test/nll``, ``calibrati
 """
 
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,11 +146,16 @@ def write_test_report(
 def classification_report(model, trainer, datamodule, run_dir: Path, options) -> Report:
     """Test the best checkpoint (the last weights if there is none) and write the test report.
 
-    The test metrics land in ``trainer.callback_metrics``; the report returns the ones it adds."""
+    The test metrics land in ``trainer.callback_metrics``; the report returns the ones it adds. Under DDP
+    every rank tests its share, the classifier gathers the whole test set, and rank 0 alone writes."""
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     if not best:
         log.warning("No best checkpoint (no checkpoint callback or no validation): testing the last weights")
-    trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
+    with warnings.catch_warnings():  # DDP pads the ranks' shares; the classifier counts each image once
+        warnings.filterwarnings("ignore", message="Using `DistributedSampler` with the dataloaders")
+        trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
+    if not trainer.is_global_zero:  # every rank tested (DDP); the gathered predictions are reported once
+        return Report({}, [], {})
     # The test loader is not shuffled: predictions follow the table (a limit_test_batches run
     # predicts only its first rows). Validation predictions (best weights) choose thresholds.
     test = Predictions(model.test_results["probs"].numpy(), model.test_results["targets"].numpy())

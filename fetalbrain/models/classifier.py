@@ -62,12 +62,14 @@ class Classifier(L.LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.register_buffer("class_weights", torch.ones(len(class_names)))
         metrics = classification_metrics(len(class_names))
+        for metric in metrics.values():  # computed on predictions already gathered from every rank
+            metric.sync_on_compute = False
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
         self.train_accuracy = MulticlassAccuracy(num_classes=len(class_names), average="micro")
         self.val_best = MaxMetric()
         self.val_best.persistent(True)  # in checkpoints: the best-so-far survives a resume
-        self._test_probs, self._test_targets = [], []
+        self._outputs: dict[str, list] = {"val": [], "test": []}
         self.test_results: dict[str, torch.Tensor] = {}
 
     # ---- the network ----------------------------------------------------------------------------
@@ -122,41 +124,62 @@ class Classifier(L.LightningModule):
         logits = self(images)
         loss = self._loss(logits, targets)
         self.train_accuracy(logits, targets)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(targets))
+        self.log(
+            "train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(targets), sync_dist=True
+        )
         self.log("train/accuracy", self.train_accuracy, on_step=False, on_epoch=True, batch_size=len(targets))
         return loss
 
-    def _evaluate(self, batch, stage: str, metrics: MetricCollection):
+    def _evaluate(self, batch, stage: str) -> None:
         images, targets = batch
-        logits = self(images)
-        self.log(f"{stage}/loss", self._loss(logits, targets), on_epoch=True, prog_bar=True, batch_size=len(targets))
-        probs = logits.float().softmax(dim=1)
-        metrics.update(probs, targets)
-        return probs, targets
+        self._outputs[stage].append((self(images).detach().float(), targets))
+
+    def _stage_outputs(self, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stage's logits and targets over the whole set, in the loader's order (the table's).
+
+        Under DDP each rank saw part of the set, and ``DistributedSampler`` pads the parts to equal length
+        by repeating images: gather every rank's predictions with their dataset indices and keep each image
+        once, so that metrics equal a single process's on the same weights."""
+        logits = torch.cat([o[0] for o in self._outputs[stage]])
+        targets = torch.cat([o[1] for o in self._outputs[stage]])
+        self._outputs[stage] = []
+        if self.trainer.world_size == 1:
+            return logits, targets
+        loader = self.trainer.val_dataloaders if stage == "val" else self.trainer.test_dataloaders
+        indices = torch.as_tensor(list(iter(loader.sampler))[: len(targets)], device=targets.device)
+        logits, targets, indices = (self.all_gather(t).flatten(0, 1) for t in (logits, targets, indices))
+        indices, order = torch.sort(indices, stable=True)
+        first = torch.ones_like(indices, dtype=torch.bool)
+        first[1:] = indices[1:] != indices[:-1]
+        return logits[order][first], targets[order][first]
+
+    def _log_stage(self, stage: str, metrics: MetricCollection) -> dict[str, torch.Tensor]:
+        logits, targets = self._stage_outputs(stage)
+        metrics.update(logits.softmax(dim=1), targets)
+        values = metrics.compute()
+        metrics.reset()
+        values[f"{stage}/loss"] = self._loss(logits, targets)
+        # The same numbers on every rank (gathered): sync_dist only keeps Lightning's bookkeeping uniform.
+        self.log_dict({k: v for k, v in values.items() if k != f"{stage}/f1_macro"}, sync_dist=True)
+        self.log(f"{stage}/f1_macro", values[f"{stage}/f1_macro"], prog_bar=True, sync_dist=True)
+        return {"logits": logits, "targets": targets, "values": values}
 
     def validation_step(self, batch, batch_idx):
-        self._evaluate(batch, "val", self.val_metrics)
+        self._evaluate(batch, "val")
 
     def on_validation_epoch_end(self) -> None:
-        values = self.val_metrics.compute()
-        self.val_metrics.reset()
-        self.log_dict({k: v for k, v in values.items() if k != "val/f1_macro"})
-        self.log("val/f1_macro", values["val/f1_macro"], prog_bar=True)
+        values = self._log_stage("val", self.val_metrics)["values"]
         if self.trainer.sanity_checking:  # not a best score: and a resumed run must keep its restored one
             return
         self.val_best(values[self.hparams.monitor])
-        self.log(f"{self.hparams.monitor}_best", self.val_best.compute(), prog_bar=True)
+        self.log(f"{self.hparams.monitor}_best", self.val_best.compute(), prog_bar=True, sync_dist=True)
 
     def test_step(self, batch, batch_idx):
-        probs, targets = self._evaluate(batch, "test", self.test_metrics)
-        self._test_probs.append(probs.cpu())
-        self._test_targets.append(targets.cpu())
+        self._evaluate(batch, "test")
 
     def on_test_epoch_end(self) -> None:
-        self.log_dict(self.test_metrics.compute())
-        self.test_metrics.reset()
-        self.test_results = {"probs": torch.cat(self._test_probs), "targets": torch.cat(self._test_targets)}
-        self._test_probs, self._test_targets = [], []
+        outputs = self._log_stage("test", self.test_metrics)
+        self.test_results = {"probs": outputs["logits"].softmax(dim=1).cpu(), "targets": outputs["targets"].cpu()}
 
     @torch.no_grad()
     def predict_proba(self, loader) -> tuple[torch.Tensor, torch.Tensor]:

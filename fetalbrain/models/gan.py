@@ -409,6 +409,8 @@ class ConditionalWGANGP(L.LightningModule):
         A generator can only reproduce the variety it was shown: a class from one case yields variants of
         that case, which matters before using its samples as augmentation or for teaching.
         """
+        if not trainer.is_global_zero:  # DDP: one report, from rank 0
+            return Report({}, [], {})
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         path = self.sample_grid(run_dir / "samples.png", f"{self.hparams.name}: final EMA generator, fixed noise")
