@@ -32,8 +32,13 @@ def _run_dir(resume, new_run_dir: str) -> str:
     return os.path.abspath(check_resumable(str(resume)))
 
 
-def _hydra_subdir(resume, ckpt_path) -> str | None:
-    return None if resume is not None or ckpt_path == "last" else ".hydra"
+def _hydra_subdir(resume, ckpt_path, output_dir: str) -> str | None:
+    """Keep the .hydra/ a run wrote: when resuming it, and when a sweep job's folder already holds a run
+    (a sweep run again into its folder, a requeued cluster job; see ``resume.resume_config``)."""
+    from fetalbrain.runs import CONFIG_FILE
+
+    resuming = resume is not None or ckpt_path == "last" or (Path(output_dir) / CONFIG_FILE).is_file()
+    return None if resuming else ".hydra"
 
 
 _register_resolvers()

@@ -9,6 +9,10 @@ rather than from the process's history (``UltrasoundDataset.set_epoch``), shuffl
 persistent workers starting late (``FetalBrainDataModule._loader``), the best-so-far metric (a
 persistent ``MaxMetric``) and the W&B run (``tracking.record_wandb_run``). Hydra's run folder is the
 resumed one and its ``.hydra/`` stays as the original run wrote it (``conf/hydra/default.yaml``).
+
+Sweeps: a multirun job whose folder already holds its run (the same sweep started again with
+``hydra.sweep.dir=`` of the earlier one, or a SLURM job requeued after preemption) continues it the same way,
+or is skipped when the run has finished: ``resume`` of a sweep runs only what is left.
 """
 
 import logging
@@ -21,6 +25,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import CompactHydraException
 from hydra.types import RunMode
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -136,13 +141,53 @@ def _override_keys(overrides) -> list[str]:
     return [o.key_or_group for o in OverridesParser.create().parse_overrides(list(overrides))]
 
 
+def _flat(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _sweep_job_config(cfg: DictConfig, job_dir: Path) -> DictConfig:
+    """A sweep job whose folder already holds a run: the sweep was started again into its folder
+    (``hydra.sweep.dir=`` of an earlier sweep) or a cluster requeued the job. The run continues in place
+    (``resume`` set; a finished one is then skipped by the caller), if it is the same job: same config."""
+    if not (job_dir / CONFIG_FILE).is_file():
+        return cfg
+    saved = OmegaConf.load(job_dir / CONFIG_FILE)
+    before = _flat(OmegaConf.to_container(saved, resolve=True))
+    now = _flat(OmegaConf.to_container(cfg, resolve=True))
+    differing = sorted(k for k in before.keys() | now.keys() if k != "resume" and before.get(k) != now.get(k))
+    if differing:
+        raise ResumeError(
+            f"{job_dir} holds a run with another config ({', '.join(differing[:6])} differ): a sweep goes on in "
+            "its folder only with the same overrides; pass a new hydra.sweep.dir to start another sweep"
+        )
+    if not (job_dir / SUMMARY_FILE).is_file() and not (job_dir / LAST_CHECKPOINT).is_file():
+        return cfg  # killed before its first epoch ended: nothing to continue, it starts again
+    with open_dict(saved):
+        saved.resume = str(job_dir)
+    return saved
+
+
 def resume_config(cfg: DictConfig) -> DictConfig:
     """The config to run: the composed one, or when resuming (``resume=RUN_DIR``, or ``ckpt_path=last``
-    with ``hydra.run.dir=RUN_DIR``) the run's own resolved config.yaml, with ``resume`` set to its folder."""
+    with ``hydra.run.dir=RUN_DIR``, or a sweep job whose folder already holds its run) the run's own
+    resolved config.yaml, with ``resume`` set to its folder."""
     spelling = "resume" if cfg.get("resume") is not None else "ckpt_path" if cfg.get("ckpt_path") == "last" else None
-    if spelling is None:
-        return cfg
     hydra = HydraConfig.get()
+    if spelling is None:
+        if hydra.mode == RunMode.MULTIRUN:
+            return _sweep_job_config(cfg, Path(hydra.runtime.output_dir))
+        if rank_zero_only.rank == 0 and (Path(hydra.runtime.output_dir) / CONFIG_FILE).is_file():
+            raise ResumeError(
+                f"{hydra.runtime.output_dir} already holds a run: continue it with resume={hydra.runtime.output_dir}"
+                ", or choose another hydra.run.dir"
+            )
+        return cfg
     if hydra.mode == RunMode.MULTIRUN:
         raise ResumeError(f"{spelling}=...: resuming continues one run; it cannot be combined with -m (multirun)")
     run_dir = Path(hydra.runtime.output_dir)

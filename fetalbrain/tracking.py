@@ -1,5 +1,7 @@
 """Experiment tracking: a W&B logger that never prompts and never hangs.
 
+Every job of a sweep lands in one W&B group (the sweep's folder), with the model's task as job_type
+and fold, seed and task as top-level config keys, so the W&B UI compares folds and models as they are.
 ``mode: auto`` logs online when an API key is configured and the server answers, otherwise offline
 (runs land in ``<run dir>/wandb/offline-run-*``; upload later with ``wandb sync``). ``WANDB_MODE``
 in the environment always wins. The W&B run id is kept in ``<run dir>/wandb_run.json`` so that a
@@ -59,12 +61,24 @@ def resolve_mode(mode: str) -> str:
     return "offline"
 
 
-def wandb_logger(mode: str = "auto", log_model: bool = False, **kwargs) -> WandbLogger:
+def sweep_group() -> str | None:
+    """The W&B group of a multirun job: its sweep's folder (``multirun/<date>/<time>``), shared by every
+    job of the sweep, whatever launched them; None for a single run."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    sweep_dir = Path(HydraConfig.get().sweep.dir)
+    return "/".join(sweep_dir.parts[-3:])
+
+
+def wandb_logger(mode: str = "auto", log_model: bool = False, group: str | None = None, **kwargs) -> WandbLogger:
     mode = resolve_mode(mode)
     if mode != "online" and log_model:
         log.warning("W&B: log_model needs online mode; checkpoints stay in the run directory")
         log_model = False
-    return WandbLogger(mode=mode, log_model=log_model, **kwargs)
+    return WandbLogger(mode=mode, log_model=log_model, group=group or sweep_group(), **kwargs)
 
 
 def record_wandb_run(loggers, run_dir: Path) -> None:

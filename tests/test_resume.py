@@ -187,3 +187,38 @@ def test_augmentation_follows_the_epoch_even_in_persistent_workers():
     assert torch.equal(augmented_epochs(range(2, 3))[0], uninterrupted[2])  # a resumed loader sees the same
     assert not torch.equal(uninterrupted[0][0], uninterrupted[0][2])  # worker 0's and worker 1's first images
     assert torch.equal(augmented_epochs(range(3))[1], uninterrupted[1])  # reproducible
+
+
+def test_a_sweep_started_again_skips_finished_jobs_and_continues_the_killed_one(tmp_path, monkeypatch):
+    sweep = tmp_path / "sweep"
+    arguments = ["-m", "seed=1,2", *(o for o in RUN if not o.startswith(("seed=", "logger="))), "logger=none"]
+    arguments.append(f"hydra.sweep.dir={sweep}")
+    build = fetalbrain.train.build
+
+    def kill_seed_2(cfg):
+        datamodule, model, trainer = build(cfg)
+        if cfg.seed == 2:
+            trainer.callbacks.append(KillAtEpoch(KILLED_AT))
+        return datamodule, model, trainer
+
+    with monkeypatch.context() as patch:
+        patch.setattr(fetalbrain.train, "build", kill_seed_2)
+        with pytest.raises(Killed):
+            train_cli(patch, *arguments)
+    finished, killed = sweep / "0", sweep / "1"
+    assert (finished / "metrics.json").is_file() and not (killed / "metrics.json").exists()
+    before = {job: folder_bytes(job) for job in (finished, killed)}
+
+    train_cli(monkeypatch, *arguments)  # the same sweep again, into its folder
+
+    after = folder_bytes(finished)
+    assert b"has finished: skipped" in after.pop(Path("train.log"))
+    assert after == {p: b for p, b in before[finished].items() if p != Path("train.log")}  # skipped: untouched
+    assert {p: b for p, b in folder_bytes(killed).items() if p.parts[0] == ".hydra"} == {
+        p: b for p, b in before[killed].items() if p.parts[0] == ".hydra"
+    }
+    summary = summary_of(killed)
+    assert summary["run"]["resumed"] and summary["run"]["epochs_trained"] == EPOCHS
+
+    with pytest.raises(ResumeError, match=f"{finished} holds a run with another config \\(model"):
+        train_cli(monkeypatch, *arguments, "model=separable")

@@ -4,8 +4,12 @@ import json
 
 import pytest
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import read_write
 
 from fetalbrain.models.classifier import load_classifier
+from fetalbrain.tracking import finish_tracking
 from fetalbrain.train import train
 from tests.conftest import TINY, train_config
 
@@ -120,10 +124,26 @@ def test_a_backbone_without_pretrained_weights_is_never_frozen(tmp_path):
     assert all(p.requires_grad for p in objects["model"].backbone_parameters())
 
 
-def test_official_split_and_wandb_offline_run(tmp_path):
-    summary, _ = run(tmp_path, "model=cnn", "data/split=official", "logger=wandb")
+def test_official_split_and_wandb_offline_run_grouped_by_sweep(tmp_path):
+    """A multirun job's W&B run: in its sweep's group, the task as job_type, fold/seed/task as config keys."""
+    with train_config(tmp_path, [*TINY, "model=cnn", "data/split=official", "logger=wandb", "seed=5"]) as cfg:
+        with read_write(cfg.hydra):
+            cfg.hydra.mode = RunMode.MULTIRUN
+            cfg.hydra.sweep.dir = str(tmp_path / "multirun" / "2026-11-23" / "21-00-00-000001")
+        HydraConfig.instance().set_config(cfg)
+        summary, objects = train(cfg)
     assert summary["data"]["split"]["leaked"]["test"]["shared_source"] == 171
     assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 1
+    logger = objects["trainer"].loggers[0]
+    assert logger._wandb_init["group"] == "multirun/2026-11-23/21-00-00-000001"
+    assert logger._wandb_init["job_type"] == "classification"
+    assert {k: logger.experiment.config[k] for k in ("task", "splitter", "fold", "seed")} == {
+        "task": "classification",
+        "splitter": "official",
+        "fold": 0,
+        "seed": 5,
+    }
+    finish_tracking()
 
 
 @pytest.mark.slow
