@@ -1,17 +1,22 @@
-"""Compare runs: ``python -m fetalbrain.compare outputs/multirun/<date>/<time> [more dirs] [--out DIR]``.
+"""Compare runs: ``python -m fetalbrain.compare outputs/multirun/<date>/<time> [more dirs] [--out DIR]``,
+or from W&B: ``python -m fetalbrain.compare --wandb-source ENTITY/PROJECT [--group G]``.
 
-Reads run directories only (``metrics.json``, ``per_class.csv``, ``predictions.csv``, ``.hydra/``),
-groups runs by model, split and every other override that differs between them except the fold and
-the seed, and writes per group: mean ± std and a 95% t-interval of the main metrics, mean per-class
-recall, and the confusion matrix of the pooled out-of-fold predictions. Outputs: ``comparison.csv``,
-``comparison.md``, ``comparison.png``, ``per_class_recall.csv``, ``confusion_<group>.png``; with
-``--wandb`` the table is logged to W&B as well.
+Reads run directories (``metrics.json``, ``per_class.csv``, ``predictions.csv``, ``.hydra/``) or, when
+W&B is online, the W&B runs of a project (each run's config and summary), groups runs by model, split
+and every other setting that differs between them except the fold and the seeds, and writes per group:
+mean ± std and a 95% t-interval of the main metrics and, from run folders (they hold the predictions),
+mean per-class recall and the confusion matrix of the pooled out-of-fold predictions. Outputs:
+``comparison.csv``, ``comparison.md``, ``comparison.png``, ``runs.csv``, and from run folders
+``per_class_recall.csv``, ``pooled_out_of_fold.csv``, ``confusion_<group>.png``; with ``--wandb`` the
+table is logged to W&B as well.
 """
 
 import argparse
+import json
 import logging
 import os
 import re
+import sys
 import warnings
 from pathlib import Path
 
@@ -27,12 +32,15 @@ from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score 
 from fetalbrain.evaluation.intervals import mean_interval  # noqa: E402
 from fetalbrain.evaluation.metrics import COMPARED  # noqa: E402
 from fetalbrain.evaluation.plots import confusion_matrix_figure  # noqa: E402
-from fetalbrain.runs import find_runs, read_summary  # noqa: E402
+from fetalbrain.runs import CONFIG_FILE, DEFAULT_LOG_DIR, find_runs, read_summary  # noqa: E402
 
 log = logging.getLogger(__name__)
 
+# Overrides that do not define a group: what a group averages over (folds, seeds), paths, the model and
+# split (already in the label), tracking. `model=X` only: `model.<key>=...` is a setting.
 NOT_A_SETTING = re.compile(
-    r"^(data\.fold|data\.synthetic|seed|hydra\.|ckpt_path|model|data/split|data\.splitter|data\.num_workers|logger)\b"
+    r"^(data\.fold|data\.synthetic|seed|hydra\.|ckpt_path|resume|data/split|data\.splitter|data\.num_workers|logger)\b"
+    r"|^model=|^[\w.]*seed="
 )
 
 
@@ -43,6 +51,20 @@ def classification_runs(directories: list[Path]) -> list[Path]:
             f"no run directories of classification runs (with metrics.json) under {', '.join(map(str, directories))}"
         )
     return runs
+
+
+def wandb_group_of(run: Path) -> str | None:
+    """The W&B group a run folder's run was logged under: as recorded beside its W&B run id, else
+    ``logger.wandb.group`` of its resolved config."""
+    from fetalbrain.tracking import WANDB_RUN_FILE  # here: only --group needs it
+
+    record = run / WANDB_RUN_FILE
+    recorded = json.loads(record.read_text()).get("group") if record.is_file() else None
+    if recorded:
+        return recorded
+    config_file = run / CONFIG_FILE
+    config = (yaml.safe_load(config_file.read_text()) or {}) if config_file.is_file() else {}
+    return ((config.get("logger") or {}).get("wandb") or {}).get("group")
 
 
 def load_run(run: Path) -> dict:
@@ -59,6 +81,113 @@ def load_run(run: Path) -> dict:
         "overrides": [o for o in overrides or [] if not NOT_A_SETTING.match(o.lstrip("+~"))],
         **summary["metrics"],
     }
+
+
+# ------------------------------------------------------------------------------------------ from W&B
+def flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _as_text(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+
+
+def wandb_record(run) -> tuple[dict, dict] | None:
+    """A W&B run as ``load_run`` makes a run folder's record (overrides left empty), with its flat config;
+    None for runs without a test report (generators, unfinished runs)."""
+    config, summary = run.config or {}, run.summary_metrics or {}
+    metrics = {
+        key: float(value)
+        for key, value in summary.items()
+        if not key.startswith("_") and isinstance(value, (int, float)) and not isinstance(value, bool)
+    }
+    if not any(metric in metrics for metric in COMPARED) or "model" not in config or "data" not in config:
+        return None
+    data = config["data"]
+    record = {
+        "run": "/".join(run.path),
+        "model": config["model"].get("name"),
+        "split": data.get("splitter"),
+        "fold": data.get("fold"),
+        "overrides": [],
+        **metrics,
+    }
+    return record, flatten(config)
+
+
+def swept_settings(records: list[dict], configs: list[dict]) -> None:
+    """Fill each W&B record's ``overrides`` with its swept settings. W&B keeps the resolved config (and
+    Lightning adds the model's and data module's hyper-parameters at the top level), not the command line,
+    so a setting is a key that differs between runs of one model and split with the same fold and seed:
+    not what follows from the fold or seed (the split, its normalisation), nor values naming the run's own
+    folder (paths, checkpoints, loggers). Of keys that always agree (``label_smoothing`` and
+    ``model.label_smoothing``), the config's own path is kept."""
+    own_paths = set()
+    for config in configs:
+        folder = config.get("paths.output_dir")
+        own_paths |= {k for k, v in config.items() if folder and isinstance(v, str) and str(folder) in v}
+    keys = sorted({k for config in configs for k in config} - own_paths)
+    replicates: dict[tuple, list[int]] = {}  # runs that differ only in their settings
+    for index, (record, config) in enumerate(zip(records, configs)):
+        replicate = (record["model"], record["split"], _as_text(config.get("data.fold")), _as_text(config.get("seed")))
+        replicates.setdefault(replicate, []).append(index)
+    varying = {
+        key
+        for members in replicates.values()
+        for key in keys
+        if len({_as_text(configs[i].get(key)) for i in members}) > 1 and not NOT_A_SETTING.match(f"{key}=")
+    }
+    by_values: dict[tuple, str] = {}
+    for key in sorted(varying, key=lambda k: (-k.count("."), k)):  # dotted config paths first
+        by_values.setdefault(tuple(_as_text(config.get(key)) for config in configs), key)
+    for record, config in zip(records, configs):
+        record["overrides"] = sorted(f"{key}={_as_text(config.get(key))}" for key in by_values.values())
+
+
+def wandb_runs(path: str, group: str | None = None) -> list[dict]:
+    """The finished classification runs of a W&B project (``ENTITY/PROJECT`` or ``PROJECT``), optionally
+    one group, as run records."""
+    import wandb
+
+    filters = {"group": group} if group else {}
+    try:
+        pairs = [pair for run in wandb.Api().runs(path, filters=filters) if (pair := wandb_record(run))]
+    except Exception as error:  # unknown entity or project, permissions, network
+        raise RuntimeError(f"--wandb-source {path}: cannot read its runs from W&B ({error})") from error
+    if not pairs:
+        raise FileNotFoundError(
+            f"--wandb-source {path}{f' --group {group}' if group else ''}: no W&B run with a test report "
+            "(finished classification runs log one)"
+        )
+    records, configs = (list(x) for x in zip(*pairs))
+    swept_settings(records, configs)
+    return records
+
+
+def read_runs(directories: list[Path], wandb_source: str | None = None, group: str | None = None) -> tuple:
+    """(records, where they came from): W&B when a source is given and W&B is online, else run folders."""
+    if wandb_source:
+        from fetalbrain.tracking import resolve_mode
+
+        mode = resolve_mode("auto")
+        if mode == "online":
+            return wandb_runs(wandb_source, group), f"W&B {wandb_source}" + (f", group {group}" if group else "")
+        why = f"WANDB_MODE={os.environ['WANDB_MODE']}" if os.environ.get("WANDB_MODE") else "no API key or no server"
+        print(f"W&B is {mode} ({why}): reading run folders instead of {wandb_source}", file=sys.stderr)
+    directories = list(directories) or [DEFAULT_LOG_DIR]
+    runs = [r for r in classification_runs(directories) if group is None or wandb_group_of(r) == group]
+    if not runs:
+        raise FileNotFoundError(
+            f"no run of W&B group {group} under {', '.join(map(str, directories))} (a run folder knows its "
+            f"group from wandb_run.json or logger.wandb.group): give the sweep's folder instead of --group"
+        )
+    return [load_run(r) for r in runs], "run folders"
 
 
 def label_groups(runs: pd.DataFrame) -> pd.Series:
@@ -127,8 +256,8 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.=-]+", "_", text).strip("_")
 
 
-def markdown_table(summary: pd.DataFrame, pooled: pd.DataFrame) -> str:
-    header = ["group", "runs", *COMPARED.values(), "pooled OOF macro F1"]
+def markdown_table(summary: pd.DataFrame, pooled: pd.DataFrame | None) -> str:
+    header = ["group", "runs", *COMPARED.values(), *(["pooled OOF macro F1"] if pooled is not None else [])]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for group, rows in summary.groupby("group", sort=True):
         cells = [group, str(int(rows["n"].max()))]
@@ -140,7 +269,8 @@ def markdown_table(summary: pd.DataFrame, pooled: pd.DataFrame) -> str:
                 cells.append(f"{r['mean']:.3f}")
             else:
                 cells.append(f"{r['mean']:.3f} ± {r['std']:.3f} [{r['ci95_low']:.3f}, {r['ci95_high']:.3f}]")
-        cells.append(f"{pooled.set_index('group').loc[group, 'pooled_f1_macro']:.3f}")
+        if pooled is not None:
+            cells.append(f"{pooled.set_index('group').loc[group, 'pooled_f1_macro']:.3f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -175,22 +305,39 @@ def log_to_wandb(table: pd.DataFrame, figure: Path, mode: str, project: str, out
         run.finish()
 
 
-def compare(directories: list[Path], out: Path, wandb_mode: str | None = None, project: str = "fetalbrain") -> str:
-    runs = pd.DataFrame([load_run(r) for r in classification_runs(directories)])
+def compare(
+    directories: list[Path],
+    out: Path,
+    wandb_mode: str | None = None,
+    project: str = "fetalbrain",
+    wandb_source: str | None = None,
+    group: str | None = None,
+) -> str:
+    records, source = read_runs(directories, wandb_source, group)
+    runs = pd.DataFrame(records)
     runs["group"] = label_groups(runs)
     out.mkdir(parents=True, exist_ok=True)
     summary = summarise(runs)
-    pooled = pooled_predictions(runs, out)
     summary.to_csv(out / "comparison.csv", index=False)
-    pooled.to_csv(out / "pooled_out_of_fold.csv", index=False)
-    per_class_recall(runs).to_csv(out / "per_class_recall.csv")
+    from_folders = source == "run folders"
+    pooled = None
+    if from_folders:  # per-class recall and pooled predictions need each run's per_class.csv and predictions.csv
+        pooled = pooled_predictions(runs, out)
+        pooled.to_csv(out / "pooled_out_of_fold.csv", index=False)
+        per_class_recall(runs).to_csv(out / "per_class_recall.csv")
     base = Path(os.path.commonpath(runs["run"].tolist()))
     listing = runs.drop(columns=["overrides"]).assign(run=[str(Path(r).relative_to(base)) for r in runs["run"]])
-    listing.to_csv(out / "runs.csv", index=False)  # paths relative to the runs' common folder
+    listing.to_csv(out / "runs.csv", index=False)  # paths relative to the runs' common folder (or W&B project)
     table = markdown_table(summary, pooled)
+    pooled_note = (
+        "pooled OOF = all test predictions of a group pooled."
+        if from_folders
+        else "Per-class recall and the pooled out-of-fold confusion matrices need each run's predictions: "
+        "compare the run folders for them."
+    )
     (out / "comparison.md").write_text(
-        f"# Comparison of {len(runs)} runs\n\nmean ± std [95% t-interval] over runs; "
-        "pooled OOF = all test predictions of a group pooled.\n\n" + table + "\n"
+        f"# Comparison of {len(runs)} runs\n\nSource: {source}. mean ± std [95% t-interval] over runs; "
+        f"{pooled_note}\n\n" + table + "\n"
     )
     comparison_figure(summary, out / "comparison.png")
     if wandb_mode:
@@ -201,12 +348,35 @@ def compare(directories: list[Path], out: Path, wandb_mode: str | None = None, p
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("directories", nargs="+", type=Path, help="multirun or outputs directories")
+    parser.add_argument(
+        "directories",
+        nargs="*",
+        type=Path,
+        help="multirun or outputs directories (with --wandb-source: read when W&B is offline; default outputs/)",
+    )
     parser.add_argument("--out", type=Path, help="where to write (default: <first directory>/comparison)")
+    parser.add_argument(
+        "--wandb-source",
+        metavar="ENTITY/PROJECT",
+        help="read the runs from this W&B project when W&B is online (else from the directories)",
+    )
+    parser.add_argument(
+        "--group", help="only the runs of this W&B group (logger.wandb.group), from W&B or the run folders"
+    )
     parser.add_argument("--wandb", choices=("auto", "online", "offline"), help="also log the table to W&B")
-    parser.add_argument("--project", default="fetalbrain", help="W&B project")
+    parser.add_argument("--project", default="fetalbrain", help="W&B project to log the table to")
     args = parser.parse_args(argv)
-    print(compare(args.directories, args.out or args.directories[0] / "comparison", args.wandb, args.project))
+    if not args.directories and not args.wandb_source:
+        parser.error("give run directories, or --wandb-source ENTITY/PROJECT")
+    if args.out:
+        out = args.out
+    elif args.directories:
+        out = args.directories[0] / "comparison"
+    else:
+        out = DEFAULT_LOG_DIR / "comparison" / slug("_".join(filter(None, [args.wandb_source, args.group])) or "all")
+    table = compare(args.directories, out, args.wandb, args.project, args.wandb_source, args.group)
+    print(table)
+    print(f"Written to {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":
