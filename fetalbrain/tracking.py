@@ -85,7 +85,7 @@ def record_wandb_run(loggers, run_dir: Path) -> None:
     """Write the W&B run id into the run folder as soon as the run starts: a killed run has it too."""
     for logger in loggers:
         if isinstance(logger, WandbLogger) and logger.version:
-            payload = {"id": logger.version, "project": logger.name}
+            payload = {"id": logger.version, "project": logger.name, "group": logger._wandb_init.get("group")}
             (Path(run_dir) / WANDB_RUN_FILE).write_text(json.dumps(payload, indent=2) + "\n")
 
 

@@ -222,7 +222,7 @@ def test_slurm_sweep_submits_one_array_with_one_task_per_gpu(tmp_path, monkeypat
         [
             "trainer=ddp",
             "trainer.devices=4",
-            "+trainer.num_nodes=2",
+            "trainer.num_nodes=2",
             "hydra.launcher.partition=gpu",
             "hydra.launcher.account=lab",
             "hydra.launcher.timeout_min=90",
