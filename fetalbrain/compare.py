@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 # split (already in the label), tracking. `model=X` only: `model.<key>=...` is a setting.
 NOT_A_SETTING = re.compile(
     r"^(data\.fold|data\.synthetic|seed|hydra\.|ckpt_path|resume|data/split|data\.splitter|data\.num_workers|logger)\b"
-    r"|^model=|^[\w.]*seed="
+    r"|^model=|^[\w.]*seed=|^callbacks\.optuna_pruning\."  # the sweeper's bookkeeping of each trial
 )
 
 

@@ -28,21 +28,3 @@ def test_two_by_two_multirun_writes_four_runs(tmp_path):
     assert seen == {("cnn", False), ("cnn", True), ("separable", False), ("separable", True)}
     run_ids = {next((job / "wandb").glob("offline-run-*")).name.rsplit("-", 1)[-1] for job in jobs}
     assert len(run_ids) == 4  # each job is its own W&B run
-
-
-def test_optuna_search_runs_trials_and_reports_the_best(tmp_path):
-    import yaml
-
-    sweep_dir = tmp_path / "optuna"
-    run_cli(
-        "train",
-        "hparams_search=optuna",
-        "model=cnn",
-        "hydra.sweeper.n_trials=2",
-        "hydra.sweeper.sampler.n_startup_trials=1",
-        *TINY,
-        f"hydra.sweep.dir={sweep_dir}",
-    )
-    assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == ["0", "1"]
-    best = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
-    assert {"optimizer.lr", "optimizer.weight_decay"} <= set(best["best_params"]) and 0 <= best["best_value"] <= 1
