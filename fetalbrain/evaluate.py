@@ -1,0 +1,214 @@
+"""Evaluate a checkpoint on any dataset: ``python -m fetalbrain.evaluate [ckpt=CKPT_OR_RUN] data.root=DIR``.
+
+The same report as a training run's test, on data in any supported layout (Roboflow CSV export, folder
+per class, loose unlabelled images), scored with the run's own validation-chosen screening thresholds and
+temperature (read from its metrics.json, never fitted again here). Images go through ``Predictor``, the
+prediction path of predict, export and the GUI: the checkpoint's integrity is checked and the training
+run's preprocessing is applied. Data holding only some classes get what they allow (e.g. only ``normal``:
+specificity, the fraction called each class, confidence distributions) and a list of what they do not;
+class names the checkpoint does not know are refused before anything is predicted. Writes metrics.json,
+per_class.csv, predictions.csv, figures and report.md to ``out`` (outputs/evaluate/<date>/<time>).
+"""
+
+import logging
+import time
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from fetalbrain.data.classes import display_name
+from fetalbrain.data.images import ImageReadError, read_image
+from fetalbrain.data.readers import DatasetError
+from fetalbrain.evaluation.calibration import softmax
+from fetalbrain.evaluation.external import (
+    EvaluationData,
+    markdown_report,
+    read_evaluation_data,
+    resolve_checkpoint,
+    run_choices,
+    write_evaluation_report,
+)
+from fetalbrain.inference import Predictor
+from fetalbrain.runs import SUMMARY_FILE, latest_checkpoint, write_json
+
+log = logging.getLogger(__name__)
+BAD_IMAGE_CHOICES = ("error", "skip")
+
+
+def _bad_image(entry: dict, on_bad_image: str, skipped: list[dict]) -> None:
+    """data.on_bad_image, as in training: an error naming the file, or the file skipped and listed."""
+    if on_bad_image == "error":
+        raise DatasetError(f"{entry['error']}. Set data.on_bad_image=skip to leave such files out.")
+    skipped.append({"path": entry["path"], "error": entry["error"]})
+
+
+def predict_logits(
+    predictor: Predictor, paths: list[str], batch_size: int, on_bad_image: str
+) -> tuple[np.ndarray, list[int], list[dict]]:
+    """Logits of every readable image (the predictor's preprocessing), the indices read, the files skipped."""
+    logits, kept, skipped, batch, batch_index = [], [], [], [], []
+
+    def flush() -> None:
+        if batch:
+            logits.append(predictor.logits(torch.cat(batch)))
+            kept.extend(batch_index)
+            batch.clear()
+            batch_index.clear()
+
+    for index, path in enumerate(paths):
+        try:
+            gray, _ = read_image(path)
+        except ImageReadError as error:
+            _bad_image({"path": path, "error": str(error)}, on_bad_image, skipped)
+            continue
+        batch.append(predictor.tensor(gray))
+        batch_index.append(index)
+        if len(batch) == batch_size:
+            flush()
+    flush()
+    if not kept:
+        raise DatasetError(f"none of the {len(paths)} images could be read: {skipped[0]['error']}")
+    return np.concatenate(logits), kept, skipped
+
+
+def _parts(split) -> list[str] | None:
+    if split is None:
+        return None
+    return [str(s) for s in split] if isinstance(split, ListConfig | list | tuple) else [str(split)]
+
+
+def _check_config(cfg: DictConfig) -> None:
+    if cfg.data.on_bad_image not in BAD_IMAGE_CHOICES:
+        raise ValueError(f"data.on_bad_image={cfg.data.on_bad_image!r}: choose error or skip")
+    if int(cfg.batch_size) < 1:
+        raise ValueError(f"batch_size={cfg.batch_size}: must be at least 1")
+    if int(cfg.bootstrap.samples) < 0:
+        raise ValueError(f"bootstrap.samples={cfg.bootstrap.samples}: must be 0 (no intervals) or more")
+    if not 0 < float(cfg.bootstrap.confidence) < 1:
+        raise ValueError(f"bootstrap.confidence={cfg.bootstrap.confidence}: must lie between 0 and 1")
+    if any(not 0 <= float(q) <= 1 for q in cfg.confidence_quantiles):
+        raise ValueError(f"confidence_quantiles={list(cfg.confidence_quantiles)}: each must lie in [0, 1]")
+    if cfg.calibration_bins is not None and int(cfg.calibration_bins) < 1:
+        raise ValueError(f"calibration_bins={cfg.calibration_bins}: must be at least 1, or null for the run's")
+    if int(cfg.histogram_bins) < 1:
+        raise ValueError(f"histogram_bins={cfg.histogram_bins}: must be at least 1")
+
+
+def evaluate(cfg: DictConfig, out_dir: Path | None = None) -> dict:
+    """Evaluate, write the report into ``out_dir`` (default ``cfg.out``) and return the metrics.json summary."""
+    started = time.perf_counter()
+    _check_config(cfg)
+    checkpoint = resolve_checkpoint(cfg.ckpt) if cfg.ckpt else latest_checkpoint(Path(cfg.paths.log_dir))
+    predictor = Predictor(checkpoint, calibrated=False, heatmaps=False, verify=cfg.verify)
+    class_names = list(predictor.class_names)
+    choices = run_choices(checkpoint)
+    data: EvaluationData = read_evaluation_data(cfg.data.root, cfg.data.format, _parts(cfg.data.split), class_names)
+    skipped: list[dict] = []
+    for entry in data.bad:  # broken links and unreadable entries found while listing: before any prediction
+        _bad_image(entry, cfg.data.on_bad_image, skipped)
+    log.info("Evaluating %s on %d images of %s (%s)", checkpoint, len(data.paths), data.root, data.format)
+    logits, kept, read_skipped = predict_logits(predictor, data.paths, int(cfg.batch_size), cfg.data.on_bad_image)
+    skipped += read_skipped
+    probs = softmax(logits)  # the model's own probabilities: the run chose its thresholds on these
+    paths = [data.paths[i] for i in kept]
+    targets = None
+    if data.labels is not None:
+        targets = np.asarray([class_names.index(data.labels[i]) for i in kept])
+
+    out_dir = Path(out_dir or cfg.out)
+    bins = int(cfg.calibration_bins) if cfg.calibration_bins is not None else choices.calibration_bins
+    report = write_evaluation_report(
+        out_dir,
+        probs,
+        targets,
+        paths,
+        class_names,
+        choices,
+        title=f"{predictor.card['name']} on {data.root.name}",
+        calibration_bins=bins,
+        bootstrap=OmegaConf.to_container(cfg.bootstrap),
+        quantiles=[float(q) for q in cfg.confidence_quantiles],
+        histogram_bins=int(cfg.histogram_bins),
+    )
+    notes = list(report.notes)
+    if skipped:
+        notes.append(f"{len(skipped)} unreadable file(s) skipped (data.on_bad_image=skip): see data.skipped_images")
+    counts = {}
+    if targets is not None:
+        counts = {class_names[i]: int(n) for i, n in enumerate(np.bincount(targets, minlength=len(class_names))) if n}
+    summary = {
+        "metrics": report.metrics,
+        "scored": report.scored,
+        "not_computable": report.not_computable,
+        "run": {  # this folder is an evaluation, not a training run: runs.find_runs(task=...) tells them apart
+            "task": "evaluation",
+            "seconds": round(time.perf_counter() - started, 1),
+            "device": "cpu",
+            "torch_threads": torch.get_num_threads(),
+        },
+        "model": {
+            "name": predictor.card["name"],
+            "checkpoint": str(checkpoint),
+            "run_dir": str(choices.run_dir) if choices.run_dir else None,
+            "integrity": predictor.integrity,
+            "preprocessing": predictor.card["preprocessing"],
+        },
+        "applied": {  # from the run, fitted on its validation part: not fitted on the evaluated images
+            "thresholds": choices.thresholds,
+            "temperature": choices.temperature,
+            "calibration_bins": bins,
+            "source": choices.source,
+        },
+        "data": {
+            "root": str(data.root),
+            "format": data.format,
+            "parts": data.parts,
+            "images": len(paths),
+            "labelled": targets is not None,
+            "class_counts": counts,
+            "skipped_images": skipped,
+            "ignored_files": data.ignored,
+        },
+        "bootstrap": {
+            **OmegaConf.to_container(cfg.bootstrap),
+            "method": "percentile bootstrap, images resampled with replacement",
+        },
+        "classes": class_names,
+        "notes": notes,
+        "files": [*report.files, SUMMARY_FILE, "report.md"],
+    }
+    write_json(out_dir / SUMMARY_FILE, summary)
+    (out_dir / "report.md").write_text(markdown_report(summary))
+    for note in notes:
+        log.warning("Evaluation: %s", note)
+    return summary
+
+
+def _print_summary(summary: dict, out_dir: Path) -> None:
+    metrics, data = summary["metrics"], summary["data"]
+    labels = ", ".join(f"{display_name(c)} {n}" for c, n in data["class_counts"].items()) or "unlabelled"
+    print(f"{data['images']} images ({labels}) evaluated with {summary['model']['checkpoint']}")
+    for key in summary["scored"]:
+        if "/predicted/" in key:
+            continue
+        low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
+        interval = f" [{low:.3f}, {high:.3f}]" if low is not None else ""
+        print(f"  {key} {metrics[key]:.3f}{interval}")
+    for key, why in summary["not_computable"].items():
+        print(f"  not computable: {key}: {why}")
+    print(f"report: {out_dir / 'report.md'}")
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    out_dir = Path(HydraConfig.get().runtime.output_dir)  # hydra.run.dir is ${out}, resolved once, at start
+    _print_summary(evaluate(cfg, out_dir), out_dir)
+
+
+if __name__ == "__main__":
+    main()
