@@ -32,7 +32,7 @@ from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score 
 from fetalbrain.evaluation.intervals import mean_interval  # noqa: E402
 from fetalbrain.evaluation.metrics import COMPARED  # noqa: E402
 from fetalbrain.evaluation.plots import confusion_matrix_figure  # noqa: E402
-from fetalbrain.runs import CONFIG_FILE, DEFAULT_LOG_DIR, find_runs, read_summary  # noqa: E402
+from fetalbrain.runs import CONFIG_FILE, DEFAULT_LOG_DIR, find_runs, flatten_config, read_summary  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -84,16 +84,6 @@ def load_run(run: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ from W&B
-def flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def _as_text(value) -> str:
     return value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
 
@@ -118,7 +108,7 @@ def wandb_record(run) -> tuple[dict, dict] | None:
         "overrides": [],
         **metrics,
     }
-    return record, flatten(config)
+    return record, flatten_config(config)
 
 
 def swept_settings(records: list[dict], configs: list[dict]) -> None:

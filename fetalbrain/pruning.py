@@ -10,6 +10,7 @@ records the trial as PRUNED, not FAIL.
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,9 @@ from lightning.pytorch import Callback
 log = logging.getLogger(__name__)
 
 JOURNAL_LOCKS = ("symlink", "open")
+# An RDB URL with a password reaches the jobs in this variable, never in their configs (config.yaml, W&B):
+# the sweeper sets it and passes ``storage=env`` (submitit and sbatch hand the environment on).
+STORAGE_ENV = "FETALBRAIN_OPTUNA_STORAGE"
 
 
 class StudyStorageError(ValueError):
@@ -107,16 +111,22 @@ class OptunaPruning(Callback):
         self._trial = None
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        if stage != "fit" or self.trial_number is None or not trainer.is_global_zero:
+        if stage != "fit" or self.trial_number is None:
             return
         missing = [key for key in ("storage", "study_name") if getattr(self, key) is None]
-        if missing:
+        if missing:  # on every rank (the same config): no rank is left waiting in a collective
             raise ValueError(
                 f"callbacks.optuna_pruning: trial_number={self.trial_number} needs {' and '.join(missing)} "
                 "(the Optuna sweeper sets all three)"
             )
+        if not trainer.is_global_zero:
+            return
         import optuna
 
+        if self.storage == "env":
+            if STORAGE_ENV not in os.environ:
+                raise ValueError(f"callbacks.optuna_pruning.storage=env, but {STORAGE_ENV} is not set in this job")
+            self.storage = os.environ[STORAGE_ENV]
         storage = open_storage(self.storage, self.journal_lock, must_exist=True)
         try:
             study_id = storage.get_study_id_from_name(self.study_name)
@@ -143,13 +153,13 @@ class OptunaPruning(Callback):
         # which logs the epoch's metrics.
         if trainer.sanity_checking or self.trial_number is None:
             return
+        if self.monitor not in trainer.callback_metrics:  # every rank logs the same metrics: every rank raises
+            raise ValueError(
+                f"callbacks.optuna_pruning.monitor={self.monitor} is not a logged metric; "
+                f"logged: {', '.join(sorted(trainer.callback_metrics))}"
+            )
         prune = False
         if trainer.is_global_zero and self._trial is not None:
-            if self.monitor not in trainer.callback_metrics:
-                raise ValueError(
-                    f"callbacks.optuna_pruning.monitor={self.monitor} is not a logged metric; "
-                    f"logged: {', '.join(sorted(trainer.callback_metrics))}"
-                )
             value = float(trainer.callback_metrics[self.monitor])
             self._trial.report(value, step=trainer.current_epoch)
             prune = self._trial.should_prune()

@@ -31,7 +31,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import InterpolationResolutionError
 
-from fetalbrain.runs import CONFIG_FILE, LAST_CHECKPOINT, SUMMARY_FILE
+from fetalbrain.runs import CONFIG_FILE, LAST_CHECKPOINT, SUMMARY_FILE, flatten_config
 
 log = logging.getLogger(__name__)
 
@@ -141,16 +141,6 @@ def _override_keys(overrides) -> list[str]:
     return [o.key_or_group for o in OverridesParser.create().parse_overrides(list(overrides))]
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def _sweep_job_config(cfg: DictConfig, job_dir: Path) -> DictConfig:
     """A sweep job whose folder already holds a run: the sweep was started again into its folder
     (``hydra.sweep.dir=`` of an earlier sweep) or a cluster requeued the job. The run continues in place
@@ -158,8 +148,8 @@ def _sweep_job_config(cfg: DictConfig, job_dir: Path) -> DictConfig:
     if not (job_dir / CONFIG_FILE).is_file():
         return cfg
     saved = OmegaConf.load(job_dir / CONFIG_FILE)
-    before = _flat(OmegaConf.to_container(saved, resolve=True))
-    now = _flat(OmegaConf.to_container(cfg, resolve=True))
+    before = flatten_config(OmegaConf.to_container(saved, resolve=True))
+    now = flatten_config(OmegaConf.to_container(cfg, resolve=True))
     differing = sorted(k for k in before.keys() | now.keys() if k != "resume" and before.get(k) != now.get(k))
     if differing:
         raise ResumeError(

@@ -128,3 +128,14 @@ def run_summary(cfg: DictConfig, model, trainer, datamodule, metrics: dict, note
         "classes": datamodule.class_names,
         "notes": notes,
     }
+
+
+def flatten_config(tree: dict, prefix: str = "") -> dict:
+    """A nested config as ``{"a.b.c": value}``: to compare runs' configs key by key."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

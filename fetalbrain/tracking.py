@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, open_dict
 
@@ -83,6 +84,8 @@ def wandb_logger(mode: str = "auto", log_model: bool = False, group: str | None 
 
 def record_wandb_run(loggers, run_dir: Path) -> None:
     """Write the W&B run id into the run folder as soon as the run starts: a killed run has it too."""
+    if rank_zero_only.rank != 0:  # DDP: one writer (the other ranks' loggers do not know the group)
+        return
     for logger in loggers:
         if isinstance(logger, WandbLogger) and logger.version:
             payload = {"id": logger.version, "project": logger.name, "group": logger._wandb_init.get("group")}
@@ -98,10 +101,13 @@ def continue_wandb_run(cfg: DictConfig, run_dir: Path) -> None:
     if not record.is_file():
         log.warning("W&B: %s has no %s; the resumed run starts a new W&B run", run_dir, WANDB_RUN_FILE)
         return
-    run_id = json.loads(record.read_text())["id"]
+    recorded = json.loads(record.read_text())
+    run_id = recorded["id"]
     for entry in entries:
         with open_dict(entry):
             entry.id, entry.resume = run_id, "allow"
+            if entry.get("group") is None and recorded.get("group"):  # a sweep job resumed by hand stays in its group
+                entry.group = recorded["group"]
     log.info("W&B: resuming run %s", run_id)
 
 

@@ -101,8 +101,8 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         train_seconds = time.perf_counter() - started
         fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         report = model.report(trainer, datamodule, output_dir, cfg.evaluation)  # every rank tests its share
-    metrics = {**fit_metrics, **{k: float(v) for k, v in trainer.callback_metrics.items()}, **report.metrics}
-    summary = run_summary(cfg, model, trainer, datamodule, metrics, report.notes, train_seconds)
+        metrics = {**fit_metrics, **{k: float(v) for k, v in trainer.callback_metrics.items()}, **report.metrics}
+        summary = run_summary(cfg, model, trainer, datamodule, metrics, report.notes, train_seconds)  # DDP threads
     if not trainer.is_global_zero:
         return summary, {"datamodule": datamodule, "model": model, "trainer": trainer}
     for note in report.notes:

@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 
 from hydra_plugins.fetalbrain_plugins.launchers import (
     LocalParallelLauncher,
+    check_gpu_shaping_is_fixed,
     gpu_slots,
     run_pool,
     trainer_gpus,
@@ -179,8 +180,12 @@ def test_gpus_per_job_follows_the_trainer_and_errors_name_the_key(monkeypatch):
     with pytest.raises(ValueError, match=r"hydra.launcher.max_parallel=0"):
         _planned(monkeypatch, "0", gpu, max_parallel=0)
     with pytest.raises(ValueError, match=r"varies trainer.devices \(1, 2\).*gpus_per_job"):
-        launcher._check_gpu_shaping_is_fixed([["model=cnn", "trainer.devices=1"], ["model=cnn", "trainer.devices=2"]])
-    launcher._check_gpu_shaping_is_fixed([["model=cnn", "trainer.devices=2"], ["model=separable", "trainer.devices=2"]])
+        check_gpu_shaping_is_fixed(
+            [["model=cnn", "trainer.devices=1"], ["model=cnn", "trainer.devices=2"]], "gpus_per_job=auto"
+        )
+    check_gpu_shaping_is_fixed(
+        [["model=cnn", "trainer.devices=2"], ["model=separable", "trainer.devices=2"]], "gpus_per_job=auto"
+    )
 
 
 # ----------------------------------------------------------------------------------------------- SLURM
@@ -245,6 +250,10 @@ def test_slurm_sweep_submits_one_array_with_one_task_per_gpu(tmp_path, monkeypat
     ):
         assert line in sbatch, line
     assert launcher.params["max_num_timeout"] > 0  # timed-out or preempted jobs come back
+    script.unlink()
+    with pytest.raises(ValueError, match=r"varies trainer.devices \(2, 4\).*one SLURM array has one shape"):
+        launcher.launch([["trainer.devices=2"], ["trainer.devices=4"]], initial_job_idx=0)
+    assert not script.exists()  # refused before anything was queued
 
 
 def test_slurm_settings_are_checked_before_anything_is_queued(tmp_path, monkeypatch):

@@ -40,7 +40,20 @@ SLURM_SITE_EXAMPLE = "conf/local/slurm.example.yaml"
 SLURM_SITE_FILE = "conf/local/slurm.yaml"
 GPU_ACCELERATORS = ("gpu", "cuda")
 # Overrides that change how many GPUs a job uses: gpus_per_job=auto cannot follow them job by job.
-GPU_SHAPING_OVERRIDE = re.compile(r"^[+~]*trainer(=|\.devices=|\.accelerator=)")
+GPU_SHAPING_OVERRIDE = re.compile(r"^[+~]*trainer(=|\.devices=|\.accelerator=|\.num_nodes=)")
+
+
+def check_gpu_shaping_is_fixed(job_overrides: Sequence[Sequence[str]], why: str) -> None:
+    """A launcher that reads the trainer's devices once for the whole sweep refuses a sweep that varies them."""
+    per_job = [
+        dict(o.lstrip("+~").partition("=")[::2] for o in overrides if GPU_SHAPING_OVERRIDE.match(o))
+        for overrides in job_overrides
+    ]
+    for key in sorted({key for job in per_job for key in job}):
+        values = {job.get(key) for job in per_job}  # None: the job keeps the config's value
+        if len(values) > 1:
+            listed = ", ".join(sorted(str(v) for v in values))
+            raise LauncherConfigError(f"this sweep varies {key} ({listed}), but {why}")
 
 
 class LauncherConfigError(CompactHydraException, ValueError):
@@ -298,28 +311,16 @@ class LocalParallelLauncher(submitit_launcher.LocalLauncher):
             lines.append(f"unset {' '.join(slurm)}")
         return lines + list(self.params.get("setup") or [])
 
-    @staticmethod
-    def _check_gpu_shaping_is_fixed(job_overrides: Sequence[Sequence[str]]) -> None:
-        """gpus_per_job=auto reads the trainer once for the sweep: a sweep over its GPU settings needs a number."""
-        per_job = [
-            dict(o.lstrip("+~").partition("=")[::2] for o in overrides if GPU_SHAPING_OVERRIDE.match(o))
-            for overrides in job_overrides
-        ]
-        for key in sorted({key for job in per_job for key in job}):
-            values = {job.get(key) for job in per_job}  # None: the job keeps the config's value
-            if len(values) > 1:
-                raise LauncherConfigError(
-                    f"this sweep varies {key} ({', '.join(sorted(str(v) for v in values))}), but "
-                    "hydra.launcher.gpus_per_job=auto reads the GPUs per job from the trainer once for the whole "
-                    "sweep: set hydra.launcher.gpus_per_job to the most any job needs"
-                )
-
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         import submitit
 
         assert self.config is not None
         if self.options["gpus_per_job"] in (None, "auto"):
-            self._check_gpu_shaping_is_fixed(job_overrides)
+            check_gpu_shaping_is_fixed(
+                job_overrides,
+                "hydra.launcher.gpus_per_job=auto reads the GPUs per job from the trainer once for the whole sweep: "
+                "set hydra.launcher.gpus_per_job to the most any job needs",
+            )
         params = self.params
         executor = submitit.LocalExecutor(folder=params["submitit_folder"], max_num_timeout=params["max_num_timeout"])
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
@@ -373,6 +374,13 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
     def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
         super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
         self._check(config)
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        check_gpu_shaping_is_fixed(
+            job_overrides,
+            "one SLURM array has one shape (tasks, nodes, GPUs per node): run one sweep per trainer setting",
+        )
+        return super().launch(job_overrides, initial_job_idx)
 
     def _check(self, config: DictConfig) -> None:
         params = self.params

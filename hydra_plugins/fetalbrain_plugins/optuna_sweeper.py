@@ -418,8 +418,14 @@ class OptunaStudySweeper(Sweeper):
                 path,
             )
             return []
+        from fetalbrain.pruning import STORAGE_ENV, display_storage
+
+        storage = self.storage_spec
+        if display_storage(storage) != storage:  # a password: through the environment, not the job's config
+            os.environ[STORAGE_ENV] = storage
+            storage = "env"
         return [
-            f"{path}.storage={format_value(self.storage_spec)}",
+            f"{path}.storage={format_value(storage)}",
             f"{path}.study_name={format_value(self.study_name)}",
         ]
 
@@ -577,6 +583,8 @@ class OptunaStudySweeper(Sweeper):
             study.enqueue_trial(trial.params, user_attrs={REQUEUED_FROM_ATTR: trial.number})
 
     def _tell(self, study, trial, value: float | None = None, **kwargs) -> None:
+        # Another sweeper may have voided the trial (no heartbeat seen): Optuna then warns and skips it.
+        kwargs.setdefault("skip_if_finished", True)
         try:
             study.tell(trial, value, **kwargs)
         except RuntimeError as error:
