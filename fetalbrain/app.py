@@ -3,7 +3,9 @@
 Upload one or several ultrasound images (PNG, JPEG, BMP, TIFF, 16-bit, RGBA, DICOM): see the
 predicted anomaly by its clinical name, the calibrated confidence of every class, the
 abnormal-vs-normal probability against the run's validation-chosen threshold, a Grad-CAM heatmap,
-and a warning when the input looks unlike the training data. Research tool, not a medical device.
+and warnings. An image the run's out-of-distribution detector flags is shown as "Not a fetal brain
+ultrasound" with its score, and its class is not given as an answer (the classifier's output stays visible,
+marked as ignored); the low-confidence warning is a separate message. Research tool, not a medical device.
 """
 
 import threading
@@ -14,7 +16,7 @@ import hydra
 from omegaconf import DictConfig
 
 from fetalbrain.data.classes import display_name
-from fetalbrain.inference import Prediction, Predictor
+from fetalbrain.inference import NOT_ULTRASOUND, Prediction, Predictor
 from fetalbrain.predict import predictions_frame
 from fetalbrain.runs import available_runs
 
@@ -24,6 +26,8 @@ DISCLAIMER = (
     "another source), and on unseen cases its accuracy is low: see the metrics below."
 )
 TABLE_COLUMNS = ["file", "name", "confidence", "abnormal_probability", "screening_positive", "warnings", "error"]
+OOD_COLUMNS = ["out_of_distribution", "ood_score", "ood_threshold"]
+CLASSIFIER_COLUMNS = ["confidence", "abnormal_probability", "screening_positive"]  # no answer for an OOD image
 
 
 class Models:
@@ -74,6 +78,7 @@ def describe(predictor: Predictor) -> str:
         lines.append(
             f"**Screening threshold** (abnormal probability, chosen on validation): {card['screening_threshold']:.3f}"
         )
+    lines.append(f"**Out-of-distribution check** (not a fetal brain ultrasound?): {predictor.ood_status}")
     lines.append("**Classes:** " + ", ".join(display_name(c) for c in card["class_names"]))
     return "\n\n".join(lines)
 
@@ -82,7 +87,15 @@ def summarise(p: Prediction) -> str:
     name = Path(p.file).name
     if p.error:
         return f"- **{name}**: could not be read: {p.error.split(': ', 1)[-1]}"
+    if p.out_of_distribution:  # no anomaly class as if it were an answer: the classifier's output is secondary
+        text = (
+            f"- **{name}**: **{p.ood_message}**. No anomaly class is given for it. "
+            f"_(Ignored classifier output: {p.name}, {p.confidence:.2f}; {p.seconds * 1000:.0f} ms)_"
+        )
+        return text + "".join(f"\n  - ⚠️ {warning}" for warning in p.warnings)
     text = f"- **{name}**: **{p.name}** (confidence {p.confidence:.2f})"
+    if p.ood_score is not None:
+        text += f"; fetal brain ultrasound (OOD score {p.ood_score:.3g} ≤ threshold {p.ood_threshold:.3g})"
     if p.abnormal_probability is not None:
         text += f"; abnormal probability {p.abnormal_probability:.2f}"
         if p.screening_threshold is not None:
@@ -92,6 +105,43 @@ def summarise(p: Prediction) -> str:
     for warning in p.warnings:
         text += f"\n  - ⚠️ {warning}"
     return text
+
+
+def caption(p: Prediction) -> str:
+    if p.out_of_distribution:
+        return f"{Path(p.file).name}: {NOT_ULTRASOUND.lower()}"
+    return f"{Path(p.file).name}: {p.name} ({p.confidence:.2f})"
+
+
+def scores(p: Prediction) -> dict[str, float] | str:
+    """The class-confidence bars, or for an OOD image only the verdict (no class to read as an answer)."""
+    return p.ood_message if p.out_of_distribution else p.probabilities
+
+
+def results_table(predictions: list[Prediction]):
+    table = predictions_frame(predictions)[TABLE_COLUMNS].assign(file=lambda f: f["file"].map(lambda x: Path(x).name))
+    table["out_of_distribution"] = [p.out_of_distribution for p in predictions]
+    table["ood_score"] = [p.ood_score for p in predictions]
+    table["ood_threshold"] = [p.ood_threshold for p in predictions]
+    flagged = table["out_of_distribution"].fillna(False).astype(bool).to_numpy()
+    table["name"] = table["name"].astype(object)
+    table.loc[flagged, "name"] = NOT_ULTRASOUND
+    table[CLASSIFIER_COLUMNS] = table[CLASSIFIER_COLUMNS].astype(object)
+    table.loc[flagged, CLASSIFIER_COLUMNS] = None
+    return table[TABLE_COLUMNS + OOD_COLUMNS]
+
+
+def respond(predictor: Predictor, paths: list[str]) -> tuple:
+    """The page's outputs for uploaded files: summary, first image's scores and heatmap, gallery, table."""
+    predictions = predictor.predict_files(paths)
+    good = [p for p in predictions if not p.error]
+    summary = "\n".join(summarise(p) for p in predictions)
+    if good and predictor.ood_detector is None:
+        summary = f"ℹ️ No out-of-distribution check: {predictor.ood_status}\n\n{summary}"
+    gallery = [(p.heatmap, caption(p)) for p in good if p.heatmap is not None]
+    if not good:
+        return summary, None, None, gallery, results_table(predictions)
+    return summary, scores(good[0]), good[0].heatmap, gallery, results_table(predictions)
 
 
 def build_app(cfg: DictConfig) -> gr.Blocks:
@@ -105,18 +155,7 @@ def build_app(cfg: DictConfig) -> gr.Blocks:
         paths = [f if isinstance(f, str) else f.name for f in (files if isinstance(files, list) else [files])]
         if len(paths) > cfg.max_files:
             raise gr.Error(f"At most {cfg.max_files} images at once (got {len(paths)}).")
-        predictions = models.get(model_label).predict_files(paths)
-        good = [p for p in predictions if not p.error]
-        summary = "\n".join(summarise(p) for p in predictions)
-        gallery = [
-            (p.heatmap, f"{Path(p.file).name}: {p.name} ({p.confidence:.2f})") for p in good if p.heatmap is not None
-        ]
-        table = predictions_frame(predictions)[TABLE_COLUMNS].assign(
-            file=lambda f: f["file"].map(lambda x: Path(x).name)
-        )
-        if not good:
-            return summary, None, None, gallery, table
-        return summary, good[0].probabilities, good[0].heatmap, gallery, table
+        return respond(models.get(model_label), paths)
 
     with gr.Blocks(title="fetalbrain: fetal brain ultrasound classifier") as app:
         gr.Markdown("# Fetal brain ultrasound: anomaly classifier")

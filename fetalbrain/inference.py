@@ -2,8 +2,9 @@
 
 Every prediction uses the training run's own preprocessing (from the checkpoint), the temperature
 fitted on validation (calibrated confidence), the abnormal-vs-normal threshold chosen on validation,
-a Grad-CAM heatmap, and flags an input that looks unlike the training data instead of answering it
-confidently. Bad files give a per-file error, never an exception that stops a batch.
+a Grad-CAM heatmap, and the run's out-of-distribution detector: an input unlike the training images is
+flagged as "not a fetal brain ultrasound" with its score, apart from the low-confidence warning (the model
+unsure between anomalies). Bad files give a per-file error, never an exception that stops a batch.
 """
 
 import json
@@ -19,11 +20,13 @@ from fetalbrain.data.images import ImageReadError, read_image
 from fetalbrain.data.transforms import build_pipeline, preprocessing
 from fetalbrain.evaluation.calibration import softmax
 from fetalbrain.evaluation.metrics import SHOWN
-from fetalbrain.integrity import verify_checkpoint
+from fetalbrain.evaluation.ood import DETECTOR_FILE, OODDetector, features_and_logits
+from fetalbrain.integrity import sha256_file, verify_checkpoint
 from fetalbrain.models.gradcam import grad_cam, overlay
 from fetalbrain.runs import SUMMARY_FILE, read_checkpoint, read_summary, run_directory
 
 ONNX_METADATA_KEY = "fetalbrain"
+NOT_ULTRASOUND = "Not a fetal brain ultrasound"
 
 
 @dataclass
@@ -39,12 +42,31 @@ class Prediction:
     heatmap: np.ndarray | None = None  # HxWx3 uint8 overlay
     error: str | None = None
     seconds: float = 0.0
+    # The out-of-distribution check: a score (higher = less like the training images) against the run's
+    # threshold; out_of_distribution is True when the image is not a fetal brain ultrasound, and then its
+    # class is no answer. Without a detector the score is None and ood_note says why.
+    ood_score: float | None = None
+    ood_threshold: float | None = None
+    ood_note: str | None = None
 
     @property
     def screening_positive(self) -> bool | None:
         if self.abnormal_probability is None or self.screening_threshold is None:
             return None
         return self.abnormal_probability >= self.screening_threshold
+
+    @property
+    def out_of_distribution(self) -> bool | None:
+        if self.ood_score is None or self.ood_threshold is None:
+            return None
+        return self.ood_score > self.ood_threshold
+
+    @property
+    def ood_message(self) -> str | None:
+        """What to show instead of the class when the image is flagged; None otherwise."""
+        if not self.out_of_distribution:
+            return None
+        return f"{NOT_ULTRASOUND} (OOD score {self.ood_score:.3g} above threshold {self.ood_threshold:.3g})"
 
 
 def deployment_metadata(checkpoint: Path, state: dict, screening_rule: str = "youden") -> dict:
@@ -75,7 +97,8 @@ class Predictor:
     """Load once, predict many. ``model_path``: a Lightning checkpoint (.ckpt) or an ONNX export.
 
     A checkpoint whose run has a model card must match the SHA256 recorded there (``verify=False``
-    skips the check)."""
+    skips the check). The run's out-of-distribution detector (``ood_detector.pt``) is loaded with its
+    checkpoint (``ood=False`` leaves it out); ``ood_status`` says whether there is one and why not."""
 
     def __init__(
         self,
@@ -86,6 +109,7 @@ class Predictor:
         screening_rule: str = "youden",
         heatmaps: bool = True,
         verify: bool = True,
+        ood: bool = True,
     ):
         self.path = Path(model_path)
         if not self.path.is_file():
@@ -121,6 +145,33 @@ class Predictor:
             prep["std"],
         )
         self.class_names = self.card["class_names"]
+        self.ood_detector, self.ood_status = self._load_ood_detector(ood)
+
+    def _load_ood_detector(self, enabled: bool) -> tuple[OODDetector | None, str]:
+        """The run's detector, or None and why: predictions then carry no OOD score, and a note.
+
+        A detector fitted on another net's features (another feature size) is refused with an error; one fitted
+        on another checkpoint of the same run (e.g. last.ckpt, not the best) is not used."""
+        if not enabled:
+            return None, "off (ood=false)"
+        if self.model is None:
+            return None, "none: the ONNX export gives no features to score; use the run's .ckpt for the OOD check"
+        path = run_directory(self.path) / DETECTOR_FILE
+        if not path.is_file():
+            return None, (
+                f"none: this run has no {DETECTOR_FILE} (trained before OOD detection, or with "
+                "evaluation.ood.enabled=false), so no image is checked for being a fetal brain ultrasound"
+            )
+        probe = self.tensor(np.zeros((8, 8), np.uint8))  # any image: the net's feature size
+        detector = OODDetector.load(path, feature_dim=self.features(probe)[0].shape[1])
+        if detector.threshold is None:
+            return None, f"none: {path} has no threshold"
+        if detector.checkpoint_sha256 != sha256_file(self.path):
+            return None, (
+                f"none: {path.name} was fitted on the features of {detector.checkpoint}, not of {self.path.name}; "
+                "use that checkpoint for the OOD check"
+            )
+        return detector, f"{detector.describe()} ({path.name})"
 
     def tensor(self, gray: np.ndarray) -> torch.Tensor:
         tensor = self.transform(image=gray)["image"]
@@ -137,6 +188,11 @@ class Predictor:
     def probabilities(self, batch: torch.Tensor) -> np.ndarray:
         return softmax(self.logits(batch), self.temperature)
 
+    def features(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(penultimate features, logits) from one forward pass of the PyTorch checkpoint."""
+        features, logits = features_and_logits(self.model, batch)
+        return features.numpy(), logits.numpy()
+
     def predict_file(self, path: str | Path, heatmap: bool | None = None) -> Prediction:
         started = time.perf_counter()
         result = Prediction(file=str(path))
@@ -146,7 +202,14 @@ class Predictor:
             result.error = str(error)
             return result
         batch = self.tensor(gray)
-        probs = self.probabilities(batch)[0]
+        if self.ood_detector is not None:
+            features, logits = self.features(batch)
+            result.ood_score = float(self.ood_detector.score(features)[0])
+            result.ood_threshold = self.ood_detector.threshold
+        else:
+            logits = self.logits(batch)
+            result.ood_note = f"no OOD check: {self.ood_status}"
+        probs = softmax(logits, self.temperature)[0]
         order = np.argsort(probs)[::-1]
         top = int(order[0])
         result.label, result.name, result.confidence = (
@@ -156,7 +219,9 @@ class Predictor:
         )
         result.probabilities = {display_name(self.class_names[i]): float(probs[i]) for i in order}
         if NORMAL_CLASS in self.class_names:
-            result.abnormal_probability = 1.0 - float(probs[self.class_names.index(NORMAL_CLASS)])
+            # On the scale its threshold was chosen on: validation probabilities before temperature scaling.
+            raw = softmax(logits, 1.0)[0]
+            result.abnormal_probability = 1.0 - float(raw[self.class_names.index(NORMAL_CLASS)])
             result.screening_threshold = self.card.get("screening_threshold")
         if result.confidence < self.min_confidence:
             result.warnings.append(

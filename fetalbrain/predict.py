@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from fetalbrain.data.images import DICOM_EXTENSIONS, IMAGE_EXTENSIONS, is_dicom
-from fetalbrain.inference import Prediction, Predictor
+from fetalbrain.inference import NOT_ULTRASOUND, Prediction, Predictor
 from fetalbrain.runs import latest_checkpoint
 
 NOT_AN_IMAGE = "not an image or DICOM file"  # evaluate lists such files as ignored, not as bad images
@@ -81,10 +81,15 @@ def input_files(inputs: Path, recursive: bool = True) -> list[tuple[Path, str | 
 def predictions_frame(predictions: list[Prediction]) -> pd.DataFrame:
     rows = []
     for p in predictions:
+        ood = p.out_of_distribution
         row = {
             "file": p.file,
-            "predicted": p.label,
-            "name": p.name,
+            # An image that is not a fetal brain ultrasound gets no anomaly class as an answer.
+            "predicted": None if ood else p.label,
+            "name": NOT_ULTRASOUND if ood else p.name,
+            "out_of_distribution": ood,
+            "ood_score": p.ood_score,
+            "ood_threshold": p.ood_threshold,
             "confidence": p.confidence,
             "abnormal_probability": p.abnormal_probability,
             "screening_threshold": p.screening_threshold,
@@ -125,6 +130,10 @@ def predict(cfg: DictConfig) -> pd.DataFrame:
     frame.to_csv(cfg.out, index=False)
     failed = frame[frame["error"].notna()]
     print(f"{len(frame) - len(failed)} of {len(frame)} files predicted with {checkpoint.name} -> {cfg.out}")
+    print(f"  out-of-distribution check: {predictor.ood_status}")
+    flagged = int((frame["out_of_distribution"] == True).sum())  # noqa: E712 (None: not checked)
+    if flagged:
+        print(f"  {flagged} file(s) flagged as {NOT_ULTRASOUND.lower()}: no anomaly class given for them")
     for row in failed.itertuples():
         print(f"  failed: {row.error}")
     return frame

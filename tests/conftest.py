@@ -43,6 +43,7 @@ TINY = [
     "data.num_workers=0",
     "logger=none",
     "callbacks=minimal",
+    "evaluation.ood.enabled=false",  # the OOD detector's fit and test set: on in trained_checkpoint, tests/test_ood.py
 ]
 
 
@@ -112,7 +113,8 @@ def trained_checkpoint(tmp_path_factory) -> Path:
     from fetalbrain.train import train
 
     run_dir = tmp_path_factory.mktemp("run")
-    with train_config(run_dir, [*TINY, "model=efficientnet_lite0", "data.image_size=64"]) as cfg:
+    overrides = [*TINY, "model=efficientnet_lite0", "data.image_size=64", "evaluation.ood.enabled=true"]
+    with train_config(run_dir, overrides) as cfg:
         summary, _ = train(cfg)
     return Path(summary["run"]["best_checkpoint"])
 

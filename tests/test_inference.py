@@ -16,6 +16,7 @@ from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, ge
 
 from fetalbrain.data.classes import DISPLAY_NAMES
 from fetalbrain.data.images import read_grayscale
+from fetalbrain.evaluation.calibration import softmax
 from fetalbrain.export import export
 from fetalbrain.inference import Predictor
 from fetalbrain.predict import predict
@@ -56,7 +57,10 @@ def test_predictions_on_real_images(predictor, trained_checkpoint):
         assert abs(sum(probs) - 1) < 1e-5 and probs == sorted(probs, reverse=True)
         assert result.name in DISPLAY_NAMES.values() and result.label in predictor.class_names
         assert result.confidence == pytest.approx(probs[0])
-        assert 0 <= result.abnormal_probability <= 1
+        # Thresholded on the scale it was chosen on (validation, before temperature scaling).
+        logits = predictor.logits(predictor.tensor(read_grayscale(result.file)))
+        raw_normal = softmax(logits, 1.0)[0][predictor.class_names.index("normal")]
+        assert result.abnormal_probability == pytest.approx(1 - raw_normal, abs=1e-6)
         assert result.screening_threshold == pytest.approx(metrics["screening/youden/threshold"])
         assert result.heatmap.dtype == np.uint8 and result.heatmap.shape == (256, 256, 3)
     assert predictor.temperature == pytest.approx(metrics["calibration/temperature"])

@@ -2,9 +2,10 @@
 
 Files: per_class.csv, confusion_matrix.png (counts), confusion_matrix_normalised.png, roc.png,
 screening_roc.png, reliability.png,
-predictions.csv. Metrics (stable names): ``test/ece``, ``test/nll``, ``calibration/temperature``,
-``test/ece_temperature_scaled``, ``test/nll_temperature_scaled``, ``screening/...`` and
-``shortcut/...`` (see their modules).
+predictions.csv, and with ``evaluation.ood.enabled`` the out-of-distribution detector ood_detector.pt
+with ood_scores.png and ood_scores.csv. Metrics (stable names): ``test/ece``, ``test/nll``,
+``calibration/temperature``, ``test/ece_temperature_scaled``, ``test/nll_temperature_scaled``,
+``screening/...``, ``shortcut/...`` and ``ood/...`` (see their modules).
 """
 
 import logging
@@ -18,9 +19,10 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, r
 
 from fetalbrain.data.classes import NORMAL_CLASS, display_name
 from fetalbrain.evaluation import calibration, plots
+from fetalbrain.evaluation.ood import ood_report
 from fetalbrain.evaluation.screening import abnormal_scores, both_classes, screening_metrics
 from fetalbrain.evaluation.shortcut import shortcut_metrics
-from fetalbrain.runs import Report
+from fetalbrain.runs import Report, final_checkpoint
 
 log = logging.getLogger(__name__)
 FIGURES = ("confusion_matrix", "roc", "screening_roc", "reliability")  # logged to W&B once, at test end
@@ -175,4 +177,13 @@ def classification_report(model, trainer, datamodule, run_dir: Path, options) ->
         else None,
     )
     figures = {f"test/{name}": run_dir / f"{name}.png" for name in FIGURES if (run_dir / f"{name}.png").is_file()}
+    ood = options.get("ood")
+    if ood is None:  # the config of a run from before the detector existed (a resumed run keeps its config)
+        notes.append("no evaluation.ood in this run's config: no out-of-distribution detector")
+    elif ood.enabled:  # the model holds the tested weights: the detector is fitted on the features they give
+        checkpoint = best or final_checkpoint(trainer.checkpoint_callback)
+        ood_metrics, ood_notes, ood_figures = ood_report(model, datamodule, run_dir, ood, checkpoint)
+        report_metrics.update(ood_metrics)
+        notes += ood_notes
+        figures.update(ood_figures)
     return Report(report_metrics, notes, figures)
