@@ -46,8 +46,18 @@ def test_audit_lists_unreadable_images_and_goes_on(tmp_path, small_export):
 def test_two_models_three_folds_then_compare(tmp_path):
     sweep = tmp_path / "sweep"
     run_cli(
-        "train", "-m", "model=cnn,separable", "data.fold=0,1,2", "data.num_folds=3", *TINY, f"hydra.sweep.dir={sweep}"
+        "train",
+        "-m",
+        "model=cnn,separable",
+        "data.fold=0,1,2",
+        "data.num_folds=3",
+        *[o for o in TINY if not o.startswith("logger=")],
+        "logger=wandb",  # offline: each job of an in-process multirun must be its own W&B run
+        f"hydra.sweep.dir={sweep}",
     )
+    jobs = [job for job in sweep.iterdir() if job.name.isdigit()]
+    assert all(len(list((job / "wandb").glob("offline-run-*"))) == 1 for job in jobs)
+    assert len({next((job / "wandb").glob("offline-run-*")).name.rsplit("-", 1)[-1] for job in jobs}) == 6
     out = tmp_path / "comparison"
     table = compare([sweep], out, wandb_mode="offline")
     summary = pd.read_csv(out / "comparison.csv")

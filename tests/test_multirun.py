@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
+
 from tests.conftest import TINY, run_cli
 
 
+@pytest.mark.slow  # the fast suite runs in-process multiruns elsewhere (compare, DDP, resume, Optuna, launchers)
 def test_two_by_two_multirun_writes_four_runs(tmp_path):
     sweep_dir = tmp_path / "sweep"
     run_cli(
