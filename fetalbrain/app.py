@@ -5,7 +5,9 @@ predicted anomaly by its clinical name, the calibrated confidence of every class
 abnormal-vs-normal probability against the run's validation-chosen threshold, a Grad-CAM heatmap,
 and warnings. An image the run's out-of-distribution detector flags is shown as "Not a fetal brain
 ultrasound" with its score, and its class is not given as an answer (the classifier's output stays visible,
-marked as ignored); the low-confidence warning is a separate message. Research tool, not a medical device.
+marked as ignored); the low-confidence warning is a separate message. The run's description says how many
+normal heads from another hospital (the report's external normal check) the run calls normal. Research tool,
+not a medical device.
 """
 
 import threading
@@ -13,12 +15,14 @@ from pathlib import Path
 
 import gradio as gr
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from fetalbrain.data.classes import display_name
+from fetalbrain.data.harmonise import describe_harmonise
+from fetalbrain.evaluation.external_check import DEFAULT_WARN_BELOW, PREFIX, describe_external
 from fetalbrain.inference import NOT_ULTRASOUND, Prediction, Predictor
 from fetalbrain.predict import predictions_frame
-from fetalbrain.runs import available_runs
+from fetalbrain.runs import CONFIG_FILE, SUMMARY_FILE, available_runs, read_summary, run_directory
 
 DISCLAIMER = (
     "> **Research tool, not a medical device.** Not validated for diagnosis or clinical decisions. "
@@ -63,12 +67,30 @@ def model_choices(cfg: DictConfig) -> dict[str, Path]:
     return {f"{r['model']} · {r['run_dir'].parent.name}/{r['run_dir'].name}": r["checkpoint"] for r in runs}
 
 
-def describe(predictor: Predictor) -> str:
+def external_check(predictor: Predictor, screening_rule: str) -> str:
+    """The run's external normal check at the GUI's screening rule, from the checkpoint's run folder (metrics.json,
+    config.yaml); an ONNX export carries only the card's shown metrics (the check at the run's own rule)."""
+    metrics = predictor.card.get("test_metrics") or {}
+    if predictor.model is None:  # ONNX: its card is all there is
+        return describe_external(metrics, screening_rule)
+    run_dir, options = run_directory(predictor.path), {}
+    if (run_dir / SUMMARY_FILE).is_file():
+        metrics = read_summary(run_dir).get("metrics") or metrics
+    if (run_dir / CONFIG_FILE).is_file():
+        options = OmegaConf.select(OmegaConf.load(run_dir / CONFIG_FILE), "evaluation.external") or {}
+    return describe_external(
+        metrics, screening_rule, options.get("name"), options.get("warn_below", DEFAULT_WARN_BELOW)
+    )
+
+
+def describe(predictor: Predictor, screening_rule: str = "youden") -> str:
     card = predictor.card
-    metrics = card.get("test_metrics") or {}
+    metrics = {k: v for k, v in (card.get("test_metrics") or {}).items() if not k.startswith(PREFIX)}
     lines = [
         f"**Model** `{card['name']}` · run `{card['run']}` · checkpoint `{card['checkpoint']}` · "
-        f"input {card['preprocessing']['image_size']} px · checkpoint integrity: {predictor.integrity}"
+        f"input {card['preprocessing']['image_size']} px · checkpoint integrity: {predictor.integrity}",
+        f"**Preprocessing** (as in training; the heatmap is drawn on the image as the model saw it): "
+        f"{describe_harmonise(card['preprocessing'].get('harmonise'))}",
     ]
     if metrics:
         lines.append(
@@ -79,6 +101,10 @@ def describe(predictor: Predictor) -> str:
             f"**Screening threshold** (abnormal probability, chosen on validation): {card['screening_threshold']:.3f}"
         )
     lines.append(f"**Out-of-distribution check** (not a fetal brain ultrasound?): {predictor.ood_status}")
+    lines.append(
+        "**External normal check** (never trained on: is *normal* anatomy or source?): "
+        + external_check(predictor, screening_rule)
+    )
     lines.append("**Classes:** " + ", ".join(display_name(c) for c in card["class_names"]))
     return "\n\n".join(lines)
 
@@ -161,7 +187,7 @@ def build_app(cfg: DictConfig) -> gr.Blocks:
         gr.Markdown("# Fetal brain ultrasound: anomaly classifier")
         gr.Markdown(DISCLAIMER)
         model = gr.Dropdown(list(choices), value=first, label="Model (trained run)")
-        card = gr.Markdown(describe(models.get(first)))
+        card = gr.Markdown(describe(models.get(first), cfg.screening_rule))
         files = gr.File(file_count="multiple", label="Ultrasound images: PNG, JPEG, BMP, TIFF or DICOM")
         button = gr.Button("Predict", variant="primary")
         summary = gr.Markdown(elem_id="summary")
@@ -170,7 +196,7 @@ def build_app(cfg: DictConfig) -> gr.Blocks:
             heatmap = gr.Image(label="Grad-CAM: where the model looked (first image)", type="numpy")
         gallery = gr.Gallery(label="Grad-CAM of every image", columns=4, height=320, object_fit="contain")
         table = gr.Dataframe(label="All predictions", wrap=True)
-        model.change(lambda m: describe(models.get(m)), model, card)
+        model.change(lambda m: describe(models.get(m), cfg.screening_rule), model, card)
         outputs = [summary, label, heatmap, gallery, table]
         button.click(run, [files, model], outputs, api_name="predict", concurrency_limit=cfg.concurrency_limit)
         files.upload(run, [files, model], outputs, api_name=False, concurrency_limit=cfg.concurrency_limit)

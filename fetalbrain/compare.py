@@ -42,6 +42,11 @@ NOT_A_SETTING = re.compile(
     r"^(data\.fold|data\.synthetic|seed|hydra\.|ckpt_path|resume|data/split|data\.splitter|data\.num_workers|logger)\b"
     r"|^model=|^[\w.]*seed=|^callbacks\.optuna_pruning\."  # the sweeper's bookkeeping of each trial
 )
+EXTERNAL_NOTE = (
+    "External normals: normal heads from another hospital (evaluation.external), never trained on, called normal "
+    "at each run's screening threshold (specificity) or by its top class; far below the test part's specificity, "
+    "the normal-vs-abnormal decision follows the acquisition source; – where runs had no external check."
+)
 
 
 def classification_runs(directories: list[Path]) -> list[Path]:
@@ -327,7 +332,7 @@ def compare(
     )
     (out / "comparison.md").write_text(
         f"# Comparison of {len(runs)} runs\n\nSource: {source}. mean ± std [95% t-interval] over runs; "
-        f"{pooled_note}\n\n" + table + "\n"
+        f"{pooled_note} {EXTERNAL_NOTE}\n\n" + table + "\n"
     )
     comparison_figure(summary, out / "comparison.png")
     if wandb_mode:

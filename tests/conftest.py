@@ -44,6 +44,7 @@ TINY = [
     "logger=none",
     "callbacks=minimal",
     "evaluation.ood.enabled=false",  # the OOD detector's fit and test set: on in trained_checkpoint, tests/test_ood.py
+    "evaluation.external.enabled=false",  # 626 external normals: on in trained_checkpoint, tests/test_external_check.py
 ]
 
 
@@ -113,7 +114,13 @@ def trained_checkpoint(tmp_path_factory) -> Path:
     from fetalbrain.train import train
 
     run_dir = tmp_path_factory.mktemp("run")
-    overrides = [*TINY, "model=efficientnet_lite0", "data.image_size=64", "evaluation.ood.enabled=true"]
+    overrides = [
+        *TINY,
+        "model=efficientnet_lite0",
+        "data.image_size=64",
+        "evaluation.ood.enabled=true",
+        "evaluation.external.enabled=true",
+    ]
     with train_config(run_dir, overrides) as cfg:
         summary, _ = train(cfg)
     return Path(summary["run"]["best_checkpoint"])

@@ -3,9 +3,10 @@
 Files: per_class.csv, confusion_matrix.png (counts), confusion_matrix_normalised.png, roc.png,
 screening_roc.png, reliability.png,
 predictions.csv, and with ``evaluation.ood.enabled`` the out-of-distribution detector ood_detector.pt
-with ood_scores.png and ood_scores.csv. Metrics (stable names): ``test/ece``, ``test/nll``,
+with ood_scores.png and ood_scores.csv, and with ``evaluation.external.enabled`` the external normal check's
+external_normals.csv and external_normals.png. Metrics (stable names): ``test/ece``, ``test/nll``,
 ``calibration/temperature``, ``test/ece_temperature_scaled``, ``test/nll_temperature_scaled``,
-``screening/...``, ``shortcut/...`` and ``ood/...`` (see their modules).
+``screening/...``, ``shortcut/...``, ``ood/...`` and ``external/...`` (see their modules).
 """
 
 import logging
@@ -19,7 +20,8 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, r
 
 from fetalbrain.data.classes import NORMAL_CLASS, display_name
 from fetalbrain.evaluation import calibration, plots
-from fetalbrain.evaluation.ood import ood_report
+from fetalbrain.evaluation.external_check import external_report
+from fetalbrain.evaluation.ood import DETECTOR_FILE, ood_report
 from fetalbrain.evaluation.screening import abnormal_scores, both_classes, screening_metrics
 from fetalbrain.evaluation.shortcut import shortcut_metrics
 from fetalbrain.runs import Report, final_checkpoint
@@ -172,7 +174,7 @@ def classification_report(model, trainer, datamodule, run_dir: Path, options) ->
         calibration_bins=options.calibration_bins,
         temperature_scaling=options.temperature_scaling,
         min_sensitivity=options.screening_min_sensitivity,
-        shortcut_data=(datamodule.part_images("train"), datamodule.part_images("test"))
+        shortcut_data=(datamodule.preprocessed_images("train"), datamodule.preprocessed_images("test"))
         if options.shortcut_check
         else None,
     )
@@ -186,4 +188,15 @@ def classification_report(model, trainer, datamodule, run_dir: Path, options) ->
         report_metrics.update(ood_metrics)
         notes += ood_notes
         figures.update(ood_figures)
+    external = options.get("external")
+    if external is None:  # the config of a run from before the external check existed
+        notes.append("no evaluation.external in this run's config: no external normal check")
+    elif external.enabled:  # the tested weights, the thresholds just chosen and the detector just saved
+        detector = run_dir / DETECTOR_FILE if (ood is not None and ood.enabled) else None
+        external_metrics, external_notes, external_figures = external_report(
+            model, run_dir, external, datamodule.class_names, (test.probs, test.targets), report_metrics, detector
+        )
+        report_metrics.update(external_metrics)
+        notes += external_notes
+        figures.update(external_figures)
     return Report(report_metrics, notes, figures)

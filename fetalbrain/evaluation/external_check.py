@@ -1,0 +1,347 @@
+"""The external normal check of every classification run: normal heads from another hospital, never trained on.
+
+The dataset's ``normal`` class comes from another acquisition than its anomalies, so a model can call "normal"
+whatever looks like that source. Normal fetal heads from a third hospital (HC18, Radboud UMC, shipped in
+``data/hc18-normal-heads/``) ask whether the normal decision is anatomy or source: a model that learnt anatomy
+calls most of them normal, one that learnt the source calls them abnormal. The run's tested weights, its
+inference preprocessing (``ood.image_features``) and its validation-chosen screening thresholds are applied as
+they are; nothing is fitted on these images, and they never enter training.
+
+Metrics (``external/...``, names in ``fetalbrain.evaluation.metrics``): ``normal_specificity`` at the threshold
+of ``evaluation.external.rule`` and ``normal_specificity_<rule>`` at each of the run's rules (uncalibrated
+abnormal score 1 - p(normal), the scale the thresholds were chosen on), ``fraction_predicted_normal`` (argmax),
+each with ``_ci_low``/``_ci_high`` from a bootstrap over subjects (frames of one examination are not
+independent); ``ood_flag_rate`` when the run has an OOD detector; ``images`` and ``subjects``; and for
+comparison the same numbers on the run's in-distribution test normals (``test_normal_...``). Files:
+``external_normals.csv`` (one row per image) and ``external_normals.png`` (the abnormal-score histograms).
+
+The folder's layout (``labels.csv`` with ``file``, ``subject`` and optionally ``frame`` and ``label`` columns,
+images under ``images/``) is read by ``read_labelled_folder``; ``fetalbrain.data.compact`` makes such copies.
+"""
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from fetalbrain.data.classes import NORMAL_CLASS
+from fetalbrain.data.readers import DatasetError
+
+log = logging.getLogger(__name__)
+
+LABELS_CSV = "labels.csv"
+IMAGES_DIR = "images"
+REQUIRED_COLUMNS = ("file", "subject")  # frame and label are optional
+CSV_FILE = "external_normals.csv"
+FIGURE_FILE = "external_normals.png"
+PREFIX = "external/"
+SPECIFICITY = f"{PREFIX}normal_specificity"
+FRACTION_NORMAL = f"{PREFIX}fraction_predicted_normal"
+TEST_PREFIX = f"{PREFIX}test_"  # the in-distribution test normals, for comparison
+DEFAULT_WARN_BELOW = 0.5  # evaluation.external.warn_below's default, for a run whose config is not at hand
+
+
+# ---- the folder ------------------------------------------------------------------------------------------------
+def read_labelled_folder(root: str | Path, label: str | None = None) -> pd.DataFrame:
+    """The images listed in ``<root>/labels.csv`` (under ``<root>/images/``): columns path, file, subject, frame,
+    label. With ``label``, only the rows of that label (every row when the CSV has no label column).
+
+    Errors name the file and the row: a missing CSV or column, an empty subject, a listed file not on disk."""
+    root = Path(root).expanduser()
+    csv = root / LABELS_CSV
+    if not csv.is_file():
+        raise DatasetError(f"{csv}: missing (a labelled folder lists its images in {LABELS_CSV})")
+    try:
+        table = pd.read_csv(csv, dtype=str, skipinitialspace=True, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        raise DatasetError(f"{csv}: not a readable CSV ({error})") from error
+    table.columns = [c.strip() for c in table.columns]
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
+    if missing:
+        raise DatasetError(f"{csv}: needs the columns {', '.join(REQUIRED_COLUMNS)}; missing {', '.join(missing)}")
+    if "frame" not in table.columns:
+        table["frame"] = ""
+    if "label" not in table.columns:
+        table["label"] = label or ""
+    for index, row in enumerate(table.itertuples(index=False)):
+        line = index + 2  # 1-based, after the header
+        if not row.file.strip() or not row.subject.strip():
+            raise DatasetError(f"{csv}, line {line}: empty file or subject")
+        if not (root / IMAGES_DIR / row.file).is_file():
+            raise DatasetError(f"{csv}, line {line}: listed file {root / IMAGES_DIR / row.file} does not exist")
+    if label is not None:
+        table = table[table["label"].str.strip().str.lower() == label.strip().lower()]
+        if table.empty:
+            raise DatasetError(f"{csv}: no image labelled {label!r} (evaluation.external.label)")
+    table = table.assign(path=[str(root / IMAGES_DIR / f) for f in table["file"]])
+    return table[["path", "file", "subject", "frame", "label"]].reset_index(drop=True)
+
+
+# ---- intervals -------------------------------------------------------------------------------------------------
+def subject_bootstrap(
+    indicators: dict[str, np.ndarray], subjects, samples: int, seed: int, confidence: float
+) -> dict[str, tuple[float, float]]:
+    """Percentile intervals of fractions (the mean of each 0/1 array) resampling SUBJECTS with replacement, each
+    with all its frames: frames of one examination are alike, so resampling images would understate the spread.
+
+    Each resample's fraction is its drawn subjects' positives over their images. Returns name -> (low, high);
+    nothing when ``samples`` is 0."""
+    if samples <= 0 or not indicators:
+        return {}
+    codes = np.unique(np.asarray(subjects), return_inverse=True)[1]
+    counts = np.bincount(codes)  # images per subject
+    rng = np.random.default_rng(seed)
+    drawn = rng.integers(0, len(counts), (samples, len(counts)))  # one row of subjects per resample
+    offsets = np.arange(samples)[:, None] * len(counts)  # times each subject is drawn, per resample:
+    weights = np.bincount((drawn + offsets).ravel(), minlength=samples * len(counts)).reshape(samples, len(counts))
+    images = weights @ counts
+    tail = (1.0 - confidence) / 2
+    intervals = {}
+    for name, values in indicators.items():
+        positives = np.bincount(codes, weights=np.asarray(values, dtype=float), minlength=len(counts))
+        fractions = (weights @ positives) / images
+        low, high = np.quantile(fractions, [tail, 1 - tail])
+        intervals[name] = (float(low), float(high))
+    return intervals
+
+
+# ---- options ---------------------------------------------------------------------------------------------------
+def check_options(options) -> None:
+    """Refuse bad ``evaluation.external`` settings by key (cheap: callable before training starts)."""
+    for key in ("root", "label", "rule", "name"):
+        if not isinstance(options.get(key), str) or not options.get(key):
+            raise ValueError(f"evaluation.external.{key}={options.get(key)!r}: a non-empty string")
+    boot = options.get("bootstrap")
+    if boot is None:
+        raise ValueError("evaluation.external.bootstrap: missing (samples, seed, confidence)")
+    if not isinstance(boot.get("samples"), int) or boot.samples < 0:
+        raise ValueError(f"evaluation.external.bootstrap.samples={boot.get('samples')!r}: a whole number, 0 or more")
+    if not isinstance(boot.get("seed"), int):
+        raise ValueError(f"evaluation.external.bootstrap.seed={boot.get('seed')!r}: a whole number")
+    if not isinstance(boot.get("confidence"), float) or not 0 < boot.confidence < 1:
+        raise ValueError(
+            f"evaluation.external.bootstrap.confidence={boot.get('confidence')!r}: a fraction strictly between 0 and 1"
+        )
+    warn = options.get("warn_below")
+    if not isinstance(warn, (int, float)) or isinstance(warn, bool) or not 0 <= warn <= 1:
+        raise ValueError(f"evaluation.external.warn_below={warn!r}: a fraction between 0 and 1")
+    if not isinstance(options.get("histogram_bins"), int) or options.histogram_bins < 2:
+        raise ValueError(f"evaluation.external.histogram_bins={options.get('histogram_bins')!r}: a whole number >= 2")
+
+
+# ---- the figure ------------------------------------------------------------------------------------------------
+def external_figure(
+    external: np.ndarray,
+    test: dict[str, np.ndarray],
+    thresholds: dict[str, float],
+    rule: str,
+    path: Path,
+    name: str,
+    bins: int,
+) -> Path:
+    """Histograms (density) of the abnormal score: the external normals against the run's test normals and test
+    abnormals (``test``: label -> scores), with the run's thresholds. Normals right of a threshold are called
+    abnormal."""
+    import matplotlib.pyplot as plt  # Agg: set by fetalbrain.evaluation.plots
+
+    from fetalbrain.evaluation import plots
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    edges = np.linspace(0, 1, bins + 1)
+    styles = (
+        {"color": "0.55", "alpha": 0.55, "histtype": "stepfilled"},
+        {"color": "C3", "histtype": "step", "lw": 1.2, "ls": ":"},
+    )
+    for (label, values), style in zip(test.items(), styles):
+        if len(values):
+            ax.hist(values, bins=edges, density=True, label=f"{label} ({len(values)})", **style)
+    ax.hist(
+        external,
+        bins=edges,
+        density=True,
+        color="C0",
+        histtype="step",
+        lw=2.0,
+        label=f"external normals: {name} ({len(external)})",
+    )
+    for index, (rule_name, threshold) in enumerate(thresholds.items()):
+        called_normal = float(np.mean(external < threshold)) if len(external) else float("nan")
+        ax.axvline(
+            threshold,
+            color=f"C{index + 1}" if index else "k",
+            ls="--" if rule_name == rule else ":",
+            lw=1.2,
+            label=f"{rule_name} threshold {threshold:.6g}: {called_normal:.0%} of external normals called normal",
+        )
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("abnormal score 1 - p(normal) (uncalibrated; thresholds chosen on the run's validation)")
+    ax.set_ylabel("density")
+    ax.set_title(f"{name}: normal heads from another hospital, never trained on, against the test part", fontsize=9)
+    ax.legend(fontsize=7, loc="upper center")
+    return plots._save(fig, path)
+
+
+# ---- the training report's part ---------------------------------------------------------------------------------
+def _thresholds(report_metrics: dict) -> dict[str, float]:
+    """The run's screening thresholds (``screening/<rule>/threshold``, chosen on validation) by rule."""
+    return {
+        key.split("/")[1]: float(value)
+        for key, value in report_metrics.items()
+        if key.startswith("screening/") and key.endswith("/threshold") and key.count("/") == 2
+    }
+
+
+def external_report(
+    model,
+    run_dir: Path,
+    options,
+    class_names: list[str],
+    test: tuple[np.ndarray, np.ndarray],
+    report_metrics: dict,
+    detector_file: Path | None = None,
+) -> tuple[dict, list[str], dict]:
+    """Predict the external normals with the model's (tested) weights, score them at the run's thresholds and
+    write ``external_normals.csv`` and ``.png`` into ``run_dir``. ``test``: the test part's (probs, targets);
+    ``report_metrics``: the report's metrics so far (the thresholds); ``detector_file``: the run's OOD detector
+    to flag the external images with. Returns (metrics, notes, figures).
+
+    An absent folder, a run without a ``normal`` class or a bad setting gives a note, never an error: the run has
+    trained, and its report must not be lost over the check."""
+    try:
+        check_options(options)
+    except ValueError as error:
+        log.error("No external normal check: %s", error)
+        return {}, [f"no external normal check: {error}"], {}
+    root = Path(options.root).expanduser()
+    if not root.is_dir():
+        return {}, [f"no external normal check: evaluation.external.root={root} does not exist"], {}
+    if NORMAL_CLASS not in class_names:
+        return {}, [f"no external normal check: the run has no '{NORMAL_CLASS}' class"], {}
+    from fetalbrain.data.images import ImageReadError, read_grayscale
+    from fetalbrain.evaluation.calibration import softmax
+    from fetalbrain.evaluation.ood import OODDetector, OODDetectorError, image_features
+
+    started = time.perf_counter()
+    try:
+        table = read_labelled_folder(root, options.label)
+        images = [read_grayscale(path) for path in table["path"]]
+    except (DatasetError, ImageReadError) as error:
+        log.error("No external normal check: %s", error)
+        return {}, [f"no external normal check: {error}"], {}
+    features, logits = image_features(model, images)
+    normal = class_names.index(NORMAL_CLASS)
+    probs = softmax(logits)  # uncalibrated: the scale the thresholds were chosen on
+    score, predicted = 1.0 - probs[:, normal], probs.argmax(axis=1)
+    test_probs, test_targets = test
+    test_normal = test_probs[test_targets == normal]
+    test_score = 1.0 - test_normal[:, normal]
+    thresholds = _thresholds(report_metrics)
+
+    subjects = table["subject"].to_numpy()
+    metrics = {f"{PREFIX}images": float(len(table)), f"{PREFIX}subjects": float(len(set(subjects)))}
+    metrics[f"{PREFIX}test_normal_images"] = float(len(test_normal))
+    indicators = {FRACTION_NORMAL: predicted == normal}
+    test_values = {f"{TEST_PREFIX}fraction_predicted_normal": test_normal.argmax(axis=1) == normal}
+    for rule, threshold in thresholds.items():
+        indicators[f"{SPECIFICITY}_{rule}"] = score < threshold  # the screening calls score >= threshold abnormal
+        test_values[f"{TEST_PREFIX}normal_specificity_{rule}"] = test_score < threshold
+    notes = []
+    if thresholds and options.rule in thresholds:
+        indicators[SPECIFICITY] = indicators[f"{SPECIFICITY}_{options.rule}"]
+        test_values[f"{TEST_PREFIX}normal_specificity"] = test_values[f"{TEST_PREFIX}normal_specificity_{options.rule}"]
+    elif thresholds:
+        notes.append(
+            f"external normal check: evaluation.external.rule={options.rule!r} is not one of the run's screening "
+            f"rules ({', '.join(thresholds)}): no {SPECIFICITY}"
+        )
+    else:
+        notes.append("external normal check: the run has no screening thresholds, so no specificity on its normals")
+
+    flagged = None
+    if detector_file is not None and Path(detector_file).is_file():
+        try:
+            detector = OODDetector.load(detector_file, feature_dim=features.shape[1])
+            ood_scores = detector.score(features)
+            flagged = detector.flag(ood_scores)
+            indicators[f"{PREFIX}ood_flag_rate"] = flagged
+        except (OODDetectorError, ValueError) as error:
+            notes.append(f"external normal check: no OOD flags ({error})")
+    metrics.update({name: float(np.mean(values)) for name, values in indicators.items()})
+    metrics.update({name: float(np.mean(v)) if len(v) else float("nan") for name, v in test_values.items()})
+    boot = options.bootstrap
+    for name, (low, high) in subject_bootstrap(indicators, subjects, boot.samples, boot.seed, boot.confidence).items():
+        metrics[f"{name}_ci_low"], metrics[f"{name}_ci_high"] = low, high
+    if not len(test_normal):
+        notes.append("external normal check: the test part holds no normal image to compare with")
+
+    columns = {
+        "file": table["file"],
+        "subject": table["subject"],
+        "frame": table["frame"],
+        "abnormal_score": score,
+        "predicted": [class_names[p] for p in predicted],
+    }
+    columns |= {f"called_abnormal_{rule}": score >= t for rule, t in thresholds.items()}
+    if flagged is not None:
+        columns |= {"ood_score": ood_scores, "ood_flagged": flagged}
+    pd.DataFrame(columns).to_csv(run_dir / CSV_FILE, index=False)
+    test_abnormal = 1.0 - test_probs[test_targets != normal][:, normal]
+    figure = external_figure(
+        score,
+        {"test normals": test_score, "test abnormals": test_abnormal},
+        thresholds,
+        options.rule,
+        run_dir / FIGURE_FILE,
+        options.name,
+        options.histogram_bins,
+    )
+    specificity = metrics.get(SPECIFICITY)
+    if specificity is not None and specificity < options.warn_below:
+        test_specificity = metrics.get(f"{TEST_PREFIX}normal_specificity", float("nan"))
+        test_text = f"{test_specificity:.0%}" if np.isfinite(test_specificity) else "none in the test part"
+        notes.append(
+            f"only {specificity:.0%} of {len(table)} normal heads from another hospital ({options.name}) are called "
+            f"normal at the {options.rule} threshold (the test part's normals: {test_text}): the model's "
+            "normal-vs-abnormal decision follows the acquisition source, not the anatomy"
+        )
+    log.info(
+        "External normals (%s): specificity %s, %.3f predicted normal, %d images of %d subjects (%.1f s)",
+        options.name,
+        f"{specificity:.3f}" if specificity is not None else "n/a",
+        metrics[FRACTION_NORMAL],
+        len(table),
+        len(set(subjects)),
+        time.perf_counter() - started,
+    )
+    return metrics, notes, {"external/normal_heads": figure}
+
+
+# ---- the sentence the GUI shows ----------------------------------------------------------------------------------
+def describe_external(
+    metrics: dict, rule: str = "youden", name: str | None = None, warn_below: float = DEFAULT_WARN_BELOW
+) -> str:
+    """One line on a run's external normal check from its metrics: how many normal heads from another hospital it
+    calls normal at ``rule``'s threshold (the GUI's), against its own test normals, or that it has none."""
+    where = f"another hospital ({name})" if name else "another hospital"
+    key = f"{SPECIFICITY}_{rule}" if f"{SPECIFICITY}_{rule}" in metrics else SPECIFICITY
+    test_key = f"{TEST_PREFIX}{key.removeprefix(PREFIX)}"
+    specificity = metrics.get(key)
+    if specificity is None:
+        if FRACTION_NORMAL in metrics:
+            return f"normal heads from {where} predicted normal: {metrics[FRACTION_NORMAL]:.0%} (no screening rule)"
+        return (
+            "none: this run has no external normal check (trained before it existed, with "
+            "evaluation.external.enabled=false, or without the external folder)"
+        )
+    low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
+    text = f"normal heads from {where} called normal: {specificity:.0%}"
+    if low is not None and high is not None:
+        text += f" ({low:.0%}–{high:.0%} over subjects)"
+    test = metrics.get(test_key)
+    if test is not None and np.isfinite(test):
+        text += f"; this run's own test normals: {test:.0%}"
+    if specificity < warn_below:
+        text += ". ⚠️ Its normal-vs-abnormal decision follows the acquisition source, not the anatomy"
+    return text
