@@ -12,12 +12,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import albumentations as A
 import numpy as np
 import torch
 
 from fetalbrain.data.classes import NORMAL_CLASS, display_name
 from fetalbrain.data.images import ImageReadError, read_image
-from fetalbrain.data.transforms import build_pipeline, preprocessing
+from fetalbrain.data.transforms import build_pipeline, run_preprocessing
 from fetalbrain.evaluation.calibration import softmax
 from fetalbrain.evaluation.metrics import SHOWN
 from fetalbrain.evaluation.ood import DETECTOR_FILE, OODDetector, features_and_logits
@@ -137,13 +138,12 @@ class Predictor:
             self.session, self.model = None, load_classifier(state)
         self.heatmaps = heatmaps  # an ONNX model cannot make one: each prediction says so
         self.temperature = (self.card.get("temperature") or 1.0) if calibrated else 1.0
+        # The run's preprocessing in two halves: everything but the final resize gives the view the heatmap is
+        # drawn on (cropped, masked, letterboxed as the network saw it, at full resolution); then resize and
+        # normalise. Together the same steps as training's pipeline (tested), so the tensors are identical.
         prep = self.card["preprocessing"]
-        self.transform = build_pipeline(
-            preprocessing(prep["image_size"], prep["denoise"], prep["denoise_kernel"], prep["clahe"]),
-            [],
-            prep["mean"],
-            prep["std"],
-        )
+        steps = run_preprocessing(prep)
+        self.view, self.to_tensor = A.Compose(steps[:-1]), build_pipeline(steps[-1:], [], prep["mean"], prep["std"])
         self.class_names = self.card["class_names"]
         self.ood_detector, self.ood_status = self._load_ood_detector(ood)
 
@@ -173,8 +173,9 @@ class Predictor:
             )
         return detector, f"{detector.describe()} ({path.name})"
 
-    def tensor(self, gray: np.ndarray) -> torch.Tensor:
-        tensor = self.transform(image=gray)["image"]
+    def tensor(self, gray: np.ndarray, view: np.ndarray | None = None) -> torch.Tensor:
+        """The network's input for a decoded image (``view``: its ``self.view``, when already computed)."""
+        tensor = self.to_tensor(image=self.view(image=gray)["image"] if view is None else view)["image"]
         if self.card["preprocessing"]["channels"] == 3:
             tensor = tensor.expand(3, -1, -1)
         return tensor.unsqueeze(0).contiguous()
@@ -201,7 +202,8 @@ class Predictor:
         except ImageReadError as error:
             result.error = str(error)
             return result
-        batch = self.tensor(gray)
+        view = self.view(image=gray)["image"]
+        batch = self.tensor(gray, view)
         if self.ood_detector is not None:
             features, logits = self.features(batch)
             result.ood_score = float(self.ood_detector.score(features)[0])
@@ -237,7 +239,7 @@ class Predictor:
                 result.warnings.append("no heatmap: it needs the PyTorch checkpoint, not the ONNX export")
             else:
                 cam, _ = grad_cam(self.model.net, batch.contiguous(memory_format=torch.channels_last), top)
-                result.heatmap = overlay(gray, cam)
+                result.heatmap = overlay(view, cam)
         result.seconds = time.perf_counter() - started
         return result
 

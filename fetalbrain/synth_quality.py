@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fetalbrain.data.images import read_grayscale
 from fetalbrain.data.synthetic import read_synthetic_folder
-from fetalbrain.data.transforms import build_pipeline, preprocessing
+from fetalbrain.data.transforms import inference_pipeline
 from fetalbrain.evaluation.synthetic import (
     closest_pairs_figure,
     fid_kid,
@@ -57,12 +57,7 @@ class FeatureSpace:
         self.model = load_classifier(checkpoint)
         prep = self.model.hparams.preprocessing
         self.channels = prep["channels"]
-        self.transform = build_pipeline(
-            preprocessing(prep["image_size"], prep["denoise"], prep["denoise_kernel"], prep["clahe"]),
-            [],
-            prep["mean"],
-            prep["std"],
-        )
+        self.transform = inference_pipeline(prep)
         self.batch_size = batch_size
 
     @torch.no_grad()

@@ -4,10 +4,12 @@ import logging
 from dataclasses import asdict
 from pathlib import Path
 
+import albumentations as A
 import lightning as L
 import numpy as np
 import torch
 from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, RandomSampler, WeightedRandomSampler, get_worker_info
 
 from fetalbrain.data.duplicates import duplicate_groups
@@ -76,6 +78,7 @@ class FetalBrainDataModule(L.LightningDataModule):
         denoise: str = "none",
         denoise_kernel: int = 5,
         clahe: bool = False,
+        harmonise: dict | None = None,
         transforms: dict | None = None,
         mean: float | None = None,
         std: float | None = None,
@@ -101,6 +104,8 @@ class FetalBrainDataModule(L.LightningDataModule):
         if mix not in MIXES:
             raise ValueError(f"data.mix={mix!r}: choose one of {', '.join(MIXES)}")
         limitations = [str(text) for text in limitations or []]  # plain values: checkpoints load weights_only
+        harmonise = OmegaConf.to_container(harmonise) if isinstance(harmonise, DictConfig) else dict(harmonise or {})
+        self.preprocess = preprocessing(image_size, denoise, denoise_kernel, clahe, harmonise)  # bad keys fail here
         self.save_hyperparameters(ignore=["transforms"])
         self.augment_cfg = (transforms or {}).get("augment") or []
         self.table = None  # set by setup(): path, label, split, source, case, group, part, target
@@ -132,24 +137,25 @@ class FetalBrainDataModule(L.LightningDataModule):
         images += self._decode_all(table.iloc[len(images) :])  # synthetic rows, appended after the real ones
         table["target"] = table["label"].map({name: i for i, name in enumerate(self.class_names)})
         self.table = table
-        train_images = [images[i] for i in np.flatnonzero(table["part"] == "train")]
-        if not train_images:
+        if not (table["part"] == "train").any():
             raise DatasetError(f"{hp.root}: the training part is empty after splitting")
-        self.mean = hp.mean if hp.mean is not None else float(np.mean([im.mean() for im in train_images]) / 255)
-        self.std = hp.std if hp.std is not None else _pixel_std(train_images, self.mean)
-        preprocess = preprocessing(hp.image_size, hp.denoise, hp.denoise_kernel, hp.clahe)
-        augment = [instantiate(t) for t in self.augment_cfg]
         self.datasets = {}
         for part in ("train", "val", "test"):
             rows = np.flatnonzero(table["part"] == part)
-            transform = build_pipeline(preprocess, augment if part == "train" else [], self.mean, self.std)
             self.datasets[part] = UltrasoundDataset(
                 table["path"].iloc[rows],
                 table["target"].iloc[rows],
-                transform,
+                None,
                 hp.channels,
                 [images[i] for i in rows] if hp.cache else None,
             )
+        # Normalisation statistics of the training images as the network receives them (after preprocessing).
+        train_images = self.preprocessed_images("train")[0]
+        self.mean = hp.mean if hp.mean is not None else float(np.mean([im.mean() for im in train_images]) / 255)
+        self.std = hp.std if hp.std is not None else _pixel_std(train_images, self.mean)
+        augment = [instantiate(t) for t in self.augment_cfg]
+        for part, dataset in self.datasets.items():
+            dataset.transform = build_pipeline(self.preprocess, augment if part == "train" else [], self.mean, self.std)
         log.info("Data: %s, split %s", self.split_report.part_sizes, hp.splitter)
 
     def _decode_all(self, table) -> list:
@@ -189,6 +195,13 @@ class FetalBrainDataModule(L.LightningDataModule):
         images = dataset.images if dataset.images is not None else [read_grayscale(p) for p in dataset.paths]
         return images, np.asarray(dataset.targets)
 
+    def preprocessed_images(self, part: str) -> tuple[list[np.ndarray], np.ndarray]:
+        """The images of a part after the deterministic preprocessing (uint8, the network's size, before
+        normalisation): what the network sees, and what the shortcut check must be given."""
+        images, targets = self.part_images(part)
+        steps = A.Compose(self.preprocess)
+        return [steps(image=image)["image"] for image in images], targets
+
     def preprocessing_config(self) -> dict:
         """Everything inference needs to reproduce training's input pipeline."""
         hp = self.hparams
@@ -200,6 +213,7 @@ class FetalBrainDataModule(L.LightningDataModule):
             "denoise": hp.denoise,
             "denoise_kernel": hp.denoise_kernel,
             "clahe": hp.clahe,
+            "harmonise": dict(hp.harmonise),
         }
 
     def data_summary(self) -> dict:

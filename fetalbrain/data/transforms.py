@@ -9,6 +9,8 @@ import numpy as np
 from albumentations.pytorch import ToTensorV2
 from scipy.signal import wiener
 
+from fetalbrain.data.harmonise import harmonise_steps
+
 DENOISE_METHODS = ("none", "median", "bilateral", "wiener")
 
 
@@ -35,15 +37,32 @@ class Denoise(A.ImageOnlyTransform):
         return ("method", "kernel_size")
 
 
-def preprocessing(image_size: int, denoise: str = "none", denoise_kernel: int = 5, clahe: bool = False) -> list:
-    """The deterministic steps every image goes through, in training and at inference."""
+def preprocessing(
+    image_size: int, denoise: str = "none", denoise_kernel: int = 5, clahe: bool = False, harmonise: dict | None = None
+) -> list:
+    """The deterministic steps every image goes through, in training and at inference; the resize is the last."""
     if denoise not in DENOISE_METHODS:
         raise ValueError(f"data.denoise={denoise!r}: choose one of {', '.join(DENOISE_METHODS)}")
-    steps = [] if denoise == "none" else [Denoise(denoise, denoise_kernel)]
+    content, geometry = harmonise_steps(harmonise)
+    steps = ([] if denoise == "none" else [Denoise(denoise, denoise_kernel)]) + content
     if clahe:
         steps.append(A.CLAHE(clip_limit=2.0, tile_grid_size=(8, 8), p=1.0))
+    steps += geometry
     steps.append(A.Resize(image_size, image_size, interpolation=cv2.INTER_AREA))
     return steps
+
+
+def run_preprocessing(prep: dict) -> list:
+    """``preprocessing`` from what a checkpoint stores (``FetalBrainDataModule.preprocessing_config``); a checkpoint
+    from before harmonisation has no ``harmonise`` entry and did none."""
+    return preprocessing(
+        prep["image_size"], prep["denoise"], prep["denoise_kernel"], prep["clahe"], prep.get("harmonise")
+    )
+
+
+def inference_pipeline(prep: dict) -> A.Compose:
+    """A run's deterministic pipeline (no augmentation), image to normalised tensor: what inference applies."""
+    return build_pipeline(run_preprocessing(prep), [], prep["mean"], prep["std"])
 
 
 def build_pipeline(preprocess: list, augment: Sequence, mean: float, std: float) -> A.Compose:

@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fetalbrain.data.transforms import inference_pipeline
+
 log = logging.getLogger(__name__)
 
 DETECTOR_FILE = "ood_detector.pt"  # in the run folder, beside checkpoints/
@@ -71,19 +73,11 @@ def features_and_logits(model, batch: torch.Tensor) -> tuple[torch.Tensor, torch
     return captured[-1].float().cpu(), logits.float().cpu()
 
 
-def inference_transform(prep: dict):
-    """The deterministic pipeline of a run's preprocessing (no augmentation): what inference applies."""
-    from fetalbrain.data.transforms import build_pipeline, preprocessing
-
-    steps = preprocessing(prep["image_size"], prep["denoise"], prep["denoise_kernel"], prep["clahe"])
-    return build_pipeline(steps, [], prep["mean"], prep["std"])
-
-
 def image_features(model, images: list[np.ndarray], batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """Penultimate features and logits of decoded grey images, through the run's inference preprocessing."""
     model.eval()
     prep = model.hparams.preprocessing
-    transform = inference_transform(prep)
+    transform = inference_pipeline(prep)
     features, logits = [], []
     for start in range(0, len(images), batch_size):
         batch = torch.stack([transform(image=im)["image"] for im in images[start : start + batch_size]])
