@@ -41,6 +41,7 @@ from omegaconf import Container, DictConfig, OmegaConf, open_dict
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
+from fetalbrain.evaluation.ood import penultimate_features  # noqa: E402
 from fetalbrain.train import build_model  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -359,6 +360,61 @@ def data_pipeline(bench: DictConfig, cfg: DictConfig, model_img_s: float) -> lis
     return results
 
 
+def preprocessing_speed(bench: DictConfig, datamodule, data_dir: Path) -> list[dict]:
+    """Milliseconds per image of the deterministic preprocessing alone (decoding excluded) for each
+    ``data/harmonise`` preset, on real images of the training part and of the external normal heads, each first
+    resized to every longest side in ``preprocessing.sides`` (the embedded copy's 256 px, an export's 640 px)."""
+    import albumentations as A
+    import cv2
+
+    from fetalbrain.data.images import read_grayscale
+    from fetalbrain.data.transforms import preprocessing
+
+    count = bench.preprocessing.images
+    sources = {"dataset": datamodule.part_images("train")[0][:count]}
+    external = sorted((data_dir / "hc18-normal-heads" / "images").glob("*.jpg"))[:count]
+    if external:
+        sources["external (HC18)"] = [read_grayscale(path) for path in external]
+    results = []
+    for preset in bench.preprocessing.harmonise:
+        harmonise = compose("train", [f"data/harmonise={preset}"]).data.harmonise
+        steps = A.Compose(preprocessing(datamodule.hparams.image_size, harmonise=OmegaConf.to_container(harmonise)))
+        for source, images in sources.items():
+            for side in bench.preprocessing.sides:
+                resized = [cv2.resize(im, _fit(im.shape, side), interpolation=cv2.INTER_AREA) for im in images]
+                steps(image=resized[0])  # warm-up
+                started = time.perf_counter()
+                for image in resized:
+                    steps(image=image)
+                ms = (time.perf_counter() - started) * 1000 / len(resized)
+                results.append({"harmonise": preset, "source": source, "side": side, "images": len(resized), "ms": ms})
+    return results
+
+
+def _fit(shape: tuple[int, ...], side: int) -> tuple[int, int]:
+    """(width, height) with the longest side ``side`` and the aspect ratio kept."""
+    scale = side / max(shape[:2])
+    return max(1, round(shape[1] * scale)), max(1, round(shape[0] * scale))
+
+
+def ood_score_speed(feature_dims: dict[str, int], train_images: int, k: int) -> list[dict]:
+    """Milliseconds to score one image with the k-NN OOD detector (the forward pass that gives the features is the
+    model's), fitted on ``train_images`` features of each model's penultimate size: the cost depends on those two
+    sizes only, so random unit vectors stand in for real features."""
+    import numpy as np
+
+    from fetalbrain.evaluation.ood import OODDetector, score_time_ms
+
+    rng, results = np.random.default_rng(0), []
+    for model, dim in feature_dims.items():
+        features = rng.standard_normal((train_images, dim)).astype(np.float32)
+        detector = OODDetector.fit("knn", features, np.zeros(train_images, int), k=k)
+        results.append(
+            {"model": model, "feature_dim": dim, "train_images": train_images, "ms": score_time_ms(detector, features)}
+        )
+    return results
+
+
 def train_config(bench: DictConfig, model: str, image_size: int) -> DictConfig:
     overrides = [
         f"model={model}",
@@ -418,6 +474,9 @@ def benchmark_model(bench, cfg, datamodule, device, bf16, peak_tflops: float | N
         bench.batch_size,
     )
     peak_mb = max(lightning_mb, bare_mb)
+    with penultimate_features(fresh_net) as captured:  # the OOD detector's feature size
+        fresh_net.eval().cpu()(torch.zeros(1, channels, size, size))
+    feature_dim = int(captured[-1].flatten(1).shape[1])
     latency_ms, infer_img_s = inference_speed(
         fresh_net, size, device, bf16, bench.channels_last, bench.latency_repeats, bench.batch_size, channels
     )
@@ -442,6 +501,7 @@ def benchmark_model(bench, cfg, datamodule, device, bf16, peak_tflops: float | N
         "latency_ms_batch1": latency_ms,
         "infer_img_s_batch": infer_img_s,
         "peak_memory_mb_training": peak_mb,
+        "feature_dim": feature_dim,
     }
 
 
@@ -756,6 +816,18 @@ def markdown(results: dict) -> str:
             f"| {'cached decoded images' if d['cache'] else 'decode every time'} | {d['image_size']} | "
             f"{d['workers']} | {d['images_per_s']:.0f} | {d['headroom']:.1f} |"
         )
+    if results.get("preprocessing"):
+        lines += [
+            "",
+            "| preprocessing (no augmentation, decoding excluded) | source | longest side (px) | ms/img |",
+            "|---|---|---|---|",
+        ]
+        for p in results["preprocessing"]:
+            lines.append(f"| data/harmonise={p['harmonise']} | {p['source']} | {p['side']} | {p['ms']:.2f} |")
+    if results.get("ood_score"):
+        lines += ["", "| OOD score (k-NN, per image) | feature size | training images | ms |", "|---|---|---|---|"]
+        for o in results["ood_score"]:
+            lines.append(f"| {o['model']} | {o['feature_dim']} | {o['train_images']} | {o['ms']:.3f} |")
     if results.get("parallel"):
         first = results["parallel"][0]
         lines += [
@@ -803,7 +875,18 @@ def markdown(results: dict) -> str:
         f"Targets: data pipeline / fastest model training = {t['pipeline_over_fastest_model']:.1f} "
         f"(≥ {wanted['pipeline_headroom']:g} wanted); Lightning / bare loop ≥ {wanted['lightning_vs_bare']:g} for "
         f"{t['models_meeting_lightning_vs_bare']} of {len(results['models'])} models (lowest "
-        f"{t['lowest_lightning_vs_bare']:.2f}); MFU (Lightning) ≥ {wanted['mfu']:.0%}: {mfu_text}.",
+        f"{t['lowest_lightning_vs_bare']:.2f}); MFU (Lightning) ≥ {wanted['mfu']:.0%}: {mfu_text}"
+        + (
+            f"; harmonisation adds at most {t['harmonise_added_ms']:.2f} ms/img (≤ {wanted['harmonise_ms']:g} wanted)"
+            if t.get("harmonise_added_ms") is not None
+            else ""
+        )
+        + (
+            f"; OOD score at most {t['ood_score_ms']:.3f} ms/img (≤ {wanted['ood_score_ms']:g} wanted)"
+            if t.get("ood_score_ms") is not None
+            else ""
+        )
+        + ".",
         "",
     ]
     return "\n".join(lines)
@@ -813,8 +896,11 @@ def _plain(value):
     return OmegaConf.to_container(value, resolve=True) if isinstance(value, Container) else value
 
 
-def target_summary(models: list[dict], pipeline: list[dict], wanted: DictConfig) -> dict:
+def target_summary(
+    models: list[dict], pipeline: list[dict], wanted: DictConfig, prep: list[dict] = (), ood: list[dict] = ()
+) -> dict:
     ratios = [r["lightning_vs_bare"] for r in models]
+    harmonised = [p["ms"] - _plain_ms(prep, p) for p in prep if p["harmonise"] != "none"]
     mfu = {f"{r['model']} {r['image_size']} px": r["mfu_lightning"] for r in models}
     known = [v for v in mfu.values() if v is not None]
     return {
@@ -824,7 +910,17 @@ def target_summary(models: list[dict], pipeline: list[dict], wanted: DictConfig)
         "models_meeting_lightning_vs_bare": sum(r >= wanted.lightning_vs_bare for r in ratios),
         "mfu_lightning": mfu,
         "models_meeting_mfu": sum(v >= wanted.mfu for v in known) if known else None,
+        "harmonise_added_ms": max(harmonised) if harmonised else None,
+        "ood_score_ms": max(o["ms"] for o in ood) if ood else None,
     }
+
+
+def _plain_ms(prep: list[dict], row: dict) -> float:
+    """The same source and size without harmonisation: what a preset adds is the difference."""
+    same = [
+        p["ms"] for p in prep if p["harmonise"] == "none" and (p["source"], p["side"]) == (row["source"], row["side"])
+    ]
+    return same[0] if same else 0.0
 
 
 def run(bench: DictConfig, out_dir: Path) -> dict:
@@ -854,6 +950,13 @@ def run(bench: DictConfig, out_dir: Path) -> dict:
         models.append(benchmark_model(bench, cfg, datamodules[image_size], device, bf16, peak["tflops"]))
     fastest = max(range(len(models)), key=lambda i: models[i]["train_img_s_lightning"])
     pipeline = data_pipeline(bench, train_config(bench, *pairs[fastest]), models[fastest]["train_img_s_lightning"])
+    first = datamodules[pairs[0][1]]
+    prep = preprocessing_speed(bench, first, Path(bench.paths.data_dir)) if bench.preprocessing.enabled else []
+    ood = ood_score_speed(
+        {f"{m['model']} {m['image_size']} px": m["feature_dim"] for m in models},
+        int((first.table["part"] == "train").sum()),
+        train_config(bench, *pairs[0]).evaluation.ood.k,
+    )
     parallel = parallel_section(bench, device, bf16, out_dir, plan) if plan["jobs"] else []
     generator = benchmark_generator(bench, device, bf16) if bench.generator.enabled else None
     quality = quality_metrics_seconds(bench.quality.images, bench.quality.image_size) if bench.quality.enabled else None
@@ -878,10 +981,12 @@ def run(bench: DictConfig, out_dir: Path) -> dict:
         "settings": {k: _plain(bench[k]) for k in settings},
         "models": models,
         "data_pipeline": pipeline,
+        "preprocessing": prep,
+        "ood_score": ood,
         "parallel": parallel,
         "generator": generator,
         "synthetic_quality": quality,
-        "targets": target_summary(models, pipeline, bench.targets),
+        "targets": target_summary(models, pipeline, bench.targets, prep, ood),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "benchmark.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -26,6 +26,8 @@ TINY_BENCHMARK = [
     "generator.steps=2",
     "quality.images=40",
     "quality.image_size=32",
+    "preprocessing.images=4",
+    "preprocessing.sides=[64,640]",
 ]
 
 
@@ -58,6 +60,7 @@ def test_bf16_autocast_path_runs_on_cpu(tmp_path, monkeypatch):
                     *TINY_BENCHMARK,
                     "generator.enabled=false",
                     "quality.enabled=false",
+                    "preprocessing.enabled=false",
                 ],
             ),
             tmp_path,
@@ -124,12 +127,32 @@ def test_benchmark_reports_models_pipeline_and_targets(tmp_path):
     quality = written["synthetic_quality"]
     assert quality["images_per_set"] == 40 and 0 < quality["fid_kid_seconds"] <= quality["total_seconds"]
     targets = written["targets"]
-    assert targets["wanted"] == {"lightning_vs_bare": 0.95, "mfu": 0.35, "pipeline_headroom": 3}
+    # harmonisation and the OOD score: per preset, source and size; the k-NN score per model's feature size
+    prep = written["preprocessing"]
+    assert {(p["harmonise"], p["source"], p["side"]) for p in prep} == {
+        (preset, source, side)
+        for preset in ("none", "anatomy")
+        for source in ("dataset", "external (HC18)")
+        for side in (64, 640)
+    }
+    assert all(p["ms"] > 0 and p["images"] == 4 for p in prep)
+    ood = {o["model"]: o for o in written["ood_score"]}
+    assert ood["cnn 32 px"]["feature_dim"] == 256 and ood["efficientnet_lite0 32 px"]["feature_dim"] == 1280
+    assert all(o["ms"] > 0 and o["train_images"] > 100 for o in ood.values())
+    assert targets["ood_score_ms"] == max(o["ms"] for o in ood.values()) and targets["harmonise_added_ms"] is not None
+    assert targets["wanted"] == {
+        "lightning_vs_bare": 0.95,
+        "mfu": 0.35,
+        "pipeline_headroom": 3,
+        "harmonise_ms": 2,
+        "ood_score_ms": 1,
+    }
     assert set(targets["mfu_lightning"]) == {"cnn 32 px", "efficientnet_lite0 32 px"}
     table = markdown(results)
     assert "| cnn | 32 |" in table and "| wgan_gp | 32 |" in table and "FID + KID of 40 vs 40" in table
     assert "MFU (Lightning)" in table and "peak 0.5 TFLOP/s" in table and "| 2 | " in table
-    assert "Targets:" in table and "MFU (Lightning) ≥ 35%" in table
+    assert "Targets:" in table and "MFU (Lightning) ≥ 35%" in table and "harmonisation adds at most" in table
+    assert "| data/harmonise=anatomy | external (HC18) | 640 |" in table and "| OOD score (k-NN" in table
     assert (tmp_path / "history.md").read_text().strip() == table.strip()
 
 
