@@ -20,6 +20,7 @@ import yaml
 
 import fetalbrain
 from fetalbrain.data.classes import display_name
+from fetalbrain.evaluation.external_check import DEFAULT_WARN_BELOW
 from fetalbrain.evaluation.intervals import mean_interval
 from fetalbrain.integrity import (
     CARD_JSON,
@@ -50,6 +51,19 @@ CALIBRATION = {
     "calibration/temperature": "temperature (fitted on validation)",
 }
 LEAK_WORDS = {"shared_source": "a source image", "shared_case": "a case", "shared_group": "a duplicate group"}
+# The OOD detector (evaluation/ood.py) and the external normal check (evaluation/external_check.py): their headline
+# numbers, shown in their own sections and summarised over folds like the test metrics.
+OOD = {
+    "ood/auroc": "AUROC, OOD set against test images",
+    "ood/test_flag_rate": "test images flagged",
+    "ood/threshold": "threshold (chosen on validation)",
+}
+EXTERNAL = {
+    "external/normal_specificity": "normal heads from another hospital called normal (screening threshold)",
+    "external/fraction_predicted_normal": "normal heads from another hospital predicted normal (argmax)",
+    "external/test_normal_specificity": "this run's test normals called normal (screening threshold)",
+}
+SOURCE_BOUND = "the normal-vs-abnormal decision follows the acquisition source"
 
 
 # ---- building the card ---------------------------------------------------------------------------------
@@ -85,7 +99,8 @@ def _summary_keys(metrics: dict, task: str) -> list[str]:
     """The metrics a card reports and summarises over folds: test numbers, or the GAN's for a generator."""
     if task == "generation":
         return sorted(k for k in metrics if k.startswith("gan/"))
-    return sorted(k for k in metrics if k.startswith(("test/", "shortcut/")) or k == "screening/test_auroc")
+    headline = {"screening/test_auroc", *OOD, *EXTERNAL} - {"ood/threshold"}  # a threshold is no result to average
+    return sorted(k for k in metrics if k.startswith(("test/", "shortcut/")) or k in headline)
 
 
 def fold_summary(run_dirs: list[Path], keys: list[str]) -> dict:
@@ -118,8 +133,9 @@ def _sentence(text) -> str:
     return text[:1].upper() + text[1:] + ("" if text.endswith((".", "!", "?")) else ".")
 
 
-def _limitations(task: str, data: dict, metrics: dict) -> list[str]:
-    """Generic caveats, the data config's facts about its dataset, and what this run's own numbers show."""
+def _limitations(task: str, data: dict, metrics: dict, config: dict | None = None) -> list[str]:
+    """Generic caveats, the data config's facts about its dataset, and what this run's own numbers show.
+    ``config``: the run's config, for its ``evaluation.external.warn_below``."""
     split = data.get("split") or {}
     root = f" (`{Path(data['root']).name}`)" if data.get("root") else ""
     items = [
@@ -150,6 +166,21 @@ def _limitations(task: str, data: dict, metrics: dict) -> list[str]:
         items.append(
             f"A trivial shortcut baseline ({name.removesuffix('_test_auroc')}) tells abnormal from normal test "
             f"images with AUROC {auroc:.2f}: the screening result may follow acquisition rather than anatomy."
+        )
+    specificity = metrics.get("external/normal_specificity")
+    external = ((config or {}).get("evaluation") or {}).get("external") or {}
+    warn_below = external.get("warn_below", DEFAULT_WARN_BELOW)
+    if _finite(specificity) and specificity < warn_below:
+        how_many = "mostly" if specificity < 0.5 else "often"  # 0.5: a majority, what "mostly" means
+        test = metrics.get("external/test_normal_specificity")
+        facts = [
+            f"{specificity:.0%} of {external.get('name') or 'them'} called normal"
+            + (f" at the {external['rule']} threshold" if external.get("rule") else ""),
+            *([f"{test:.0%} of this run's test normals"] if _finite(test) else []),
+            f"below evaluation.external.warn_below {warn_below:g}",
+        ]
+        items.append(
+            f"Normal heads from another hospital are {how_many} called abnormal: {SOURCE_BOUND} ({'; '.join(facts)})."
         )
     return items
 
@@ -210,6 +241,11 @@ def build_card(run_dir: Path, folds: list[Path] | None = None) -> dict:
         "calibration": {k: metrics[k] for k in (*CALIBRATION, "test/nll") if k in metrics} or None,
         "screening": {**screening, "thresholds": thresholds} if screening or thresholds else None,
         "shortcut": {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("shortcut/")} or None,
+        "ood": {k: metrics[k] for k in OOD if k in metrics} or None,
+        "external": {
+            k: metrics[k] for k in sorted(metrics) if k.removesuffix("_ci_low").removesuffix("_ci_high") in EXTERNAL
+        }
+        or None,
         "training": {
             "epochs_trained": run.get("epochs_trained"),
             "max_epochs": run.get("max_epochs", trainer_cfg.get("max_epochs")),
@@ -226,7 +262,7 @@ def build_card(run_dir: Path, folds: list[Path] | None = None) -> dict:
             "use": INTENDED_USE.get(task, f"Research on fetal brain ultrasound ({task}; {PURPOSES})."),
             "not_for": NOT_FOR,
         },
-        "limitations": _limitations(task, data, metrics),
+        "limitations": _limitations(task, data, metrics, config),
         "notes": notes,
         "best_checkpoint": Path(best).name if best else None,
         "checkpoints": {p.name: sha256_file(p) for p in sorted((run_dir / CHECKPOINT_DIR).glob("*.ckpt"))},
@@ -275,8 +311,8 @@ def _in_part_order(by_part: dict | None) -> dict:
 
 
 def _metric_order(key: str) -> tuple:
-    """Test metrics first, then screening and shortcut baselines, as a reader looks for them."""
-    ranks = ("test/", "screening/", "shortcut/")
+    """Test metrics first, then screening, shortcut baselines, OOD detector and external check, as a reader looks."""
+    ranks = ("test/", "screening/", "shortcut/", "ood/", "external/")
     return next((i for i, r in enumerate(ranks) if key.startswith(r)), len(ranks)), key
 
 
@@ -375,6 +411,21 @@ def render_markdown(card: dict) -> str:
         lines += ["## Shortcut baselines", ""]
         lines += ["Trivial models of normal versus abnormal; near the screening AUROC, suspect the source.", ""]
         lines += _table(["baseline", "test AUROC"], [[k, v] for k, v in card["shortcut"].items()])
+    if card.get("ood"):
+        lines += ["## Out-of-distribution detector", ""]
+        lines += ["Flags inputs unlike the training images (not a fetal brain ultrasound); see ood_scores.png.", ""]
+        lines += _table(["", "key", "value"], [[OOD[k], f"`{k}`", v] for k, v in card["ood"].items()])
+    if card.get("external"):
+        ext = card["external"]
+        lines += ["## External normal check", ""]
+        lines += ["Normal heads from another hospital, never trained on: is `normal` anatomy or source?", ""]
+        rows = []
+        for key, label in EXTERNAL.items():
+            if key in ext:
+                low, high = ext.get(f"{key}_ci_low"), ext.get(f"{key}_ci_high")
+                interval = f"[{_fmt(low)}, {_fmt(high)}]" if low is not None and high is not None else "—"
+                rows.append([label, f"`{key}`", ext[key], interval])
+        lines += _table(["", "key", "value", "interval (bootstrap over subjects)"], rows)
     lines += ["## Training", ""]
     optimizer, scheduler = training.get("optimizer") or {}, training.get("scheduler") or {}
     lines += _pairs(

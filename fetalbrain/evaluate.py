@@ -6,7 +6,10 @@ temperature (read from its metrics.json, never fitted again here). Images go thr
 prediction path of predict, export and the GUI: the checkpoint's integrity is checked and the training
 run's preprocessing is applied. Data holding only some classes get what they allow (e.g. only ``normal``:
 specificity, the fraction called each class, confidence distributions) and a list of what they do not;
-class names the checkpoint does not know are refused before anything is predicted. Writes metrics.json,
+class names the checkpoint does not know are refused before anything is predicted. When the run has an
+out-of-distribution detector fitted on the checkpoint (``Predictor.ood_detector``), every image gets its OOD
+score from the same forward pass as its class (``eval/ood/...``); otherwise the report says why not (the
+predictor's ``ood_status``). Writes metrics.json,
 per_class.csv, predictions.csv, figures and report.md to ``out`` (outputs/evaluate/<date>/<time>).
 """
 
@@ -25,6 +28,7 @@ from fetalbrain.data.readers import DatasetError
 from fetalbrain.evaluation.calibration import softmax
 from fetalbrain.evaluation.external import (
     EvaluationData,
+    OODScores,
     markdown_report,
     read_evaluation_data,
     resolve_checkpoint,
@@ -45,15 +49,23 @@ def _bad_image(entry: dict, on_bad_image: str, skipped: list[dict]) -> None:
     skipped.append({"path": entry["path"], "error": entry["error"]})
 
 
-def predict_logits(
+def predict_outputs(
     predictor: Predictor, paths: list[str], batch_size: int, on_bad_image: str
-) -> tuple[np.ndarray, list[int], list[dict]]:
-    """Logits of every readable image (the predictor's preprocessing), the indices read, the files skipped."""
-    logits, kept, skipped, batch, batch_index = [], [], [], [], []
+) -> tuple[np.ndarray, np.ndarray | None, list[int], list[dict]]:
+    """Logits of every readable image (the predictor's preprocessing), their OOD scores (None without the run's
+    detector), the indices read, the files skipped. One forward pass per image: with a detector, the features
+    it scores come out of the pass that gives the logits (``Predictor.features``)."""
+    detector = predictor.ood_detector
+    logits, scores, kept, skipped, batch, batch_index = [], [], [], [], [], []
 
     def flush() -> None:
         if batch:
-            logits.append(predictor.logits(torch.cat(batch)))
+            if detector is not None:
+                features, batch_logits = predictor.features(torch.cat(batch))
+                scores.append(detector.score(features))
+            else:
+                batch_logits = predictor.logits(torch.cat(batch))
+            logits.append(batch_logits)
             kept.extend(batch_index)
             batch.clear()
             batch_index.clear()
@@ -71,7 +83,7 @@ def predict_logits(
     flush()
     if not kept:
         raise DatasetError(f"none of the {len(paths)} images could be read: {skipped[0]['error']}")
-    return np.concatenate(logits), kept, skipped
+    return np.concatenate(logits), np.concatenate(scores) if detector is not None else None, kept, skipped
 
 
 def _parts(split) -> list[str] | None:
@@ -110,8 +122,11 @@ def evaluate(cfg: DictConfig, out_dir: Path | None = None) -> dict:
     for entry in data.bad:  # broken links and unreadable entries found while listing: before any prediction
         _bad_image(entry, cfg.data.on_bad_image, skipped)
     log.info("Evaluating %s on %d images of %s (%s)", checkpoint, len(data.paths), data.root, data.format)
-    logits, kept, read_skipped = predict_logits(predictor, data.paths, int(cfg.batch_size), cfg.data.on_bad_image)
+    logits, ood_scores, kept, read_skipped = predict_outputs(
+        predictor, data.paths, int(cfg.batch_size), cfg.data.on_bad_image
+    )
     skipped += read_skipped
+    ood = OODScores.of(predictor.ood_detector, ood_scores, predictor.ood_status)
     probs = softmax(logits)  # the model's own probabilities: the run chose its thresholds on these
     paths = [data.paths[i] for i in kept]
     targets = None
@@ -132,6 +147,7 @@ def evaluate(cfg: DictConfig, out_dir: Path | None = None) -> dict:
         bootstrap=OmegaConf.to_container(cfg.bootstrap),
         quantiles=[float(q) for q in cfg.confidence_quantiles],
         histogram_bins=int(cfg.histogram_bins),
+        ood=ood,
     )
     notes = list(report.notes)
     if skipped:
@@ -161,6 +177,7 @@ def evaluate(cfg: DictConfig, out_dir: Path | None = None) -> dict:
             "temperature": choices.temperature,
             "calibration_bins": bins,
             "source": choices.source,
+            "ood": {**ood.applied(), "run_test_flag_rate": choices.ood_test_flag_rate},
         },
         "data": {
             "root": str(data.root),

@@ -7,7 +7,8 @@ gets ``config.yaml`` (resolved; ``.hydra/`` keeps the composed one and the overr
 ``metrics.json`` and a model card (see ``fetalbrain.runs``). ``main`` returns the optimised metric
 so Hydra sweepers (grid, Optuna) can use it. ``resume=RUN_DIR`` continues a killed run in its own
 folder, exactly (see ``fetalbrain.resume``). DDP on one node starts its ranks from the run's config,
-so that a DDP job of a multirun stays one job (see ``fetalbrain.distributed``).
+so that a DDP job of a multirun stays one job (see ``fetalbrain.distributed``). Settings read only by the
+report after training (``evaluation.ood``, ``evaluation.external``) are checked before anything is built.
 """
 
 import logging
@@ -18,7 +19,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import LearningRateMonitor
@@ -26,11 +27,28 @@ from omegaconf import DictConfig, OmegaConf
 
 from fetalbrain import distributed
 from fetalbrain.card import write_model_card
+from fetalbrain.evaluation import external_check, ood
+from fetalbrain.evaluation.screening import screening_rules
 from fetalbrain.resume import ReproducibleEpochs, resume_config
 from fetalbrain.runs import CONFIG_FILE, LAST_CHECKPOINT, SUMMARY_FILE, read_summary, run_summary, write_json
 from fetalbrain.tracking import continue_wandb_run, finish_tracking, log_report, record_wandb_run
 
 log = logging.getLogger(__name__)
+
+
+def check_evaluation(cfg: DictConfig) -> None:
+    """Refuse bad ``evaluation.ood`` and ``evaluation.external`` settings by key, before anything is built or
+    trained: the report reads them only after training, where a typo would cost the whole run and then give only
+    a note. Classification runs only (a generator writes no such report); a section the config lacks (a resumed
+    run from before it existed) or has switched off is not read, so it is not checked."""
+    if getattr(get_class(cfg.model._target_), "task", None) != "classification":
+        return
+    evaluation = cfg.get("evaluation") or {}
+    ood_options, external = evaluation.get("ood"), evaluation.get("external")
+    if ood_options is not None and ood_options.get("enabled"):
+        ood.check_options(ood_options)
+    if external is not None and external.get("enabled"):
+        external_check.check_options(external, screening_rules(evaluation.screening_min_sensitivity))
 
 
 def instantiate_group(group: DictConfig | None, **defaults) -> list:
@@ -83,6 +101,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     """Fit, write the task's report, the summary and the model card. Returns (summary, objects).
     With ``cfg.resume`` (set by ``resume_config``), continue that run from its last checkpoint.
     Under DDP every rank runs this; rank 0 alone writes the run folder (the summary is rank 0's)."""
+    check_evaluation(cfg)  # before the run folder is written: a bad setting leaves nothing behind
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)

@@ -298,3 +298,35 @@ def test_rewriting_a_card_keeps_the_recorded_hashes(tmp_path, capsys):
     assert json.loads((run / "model_card.json").read_text())["checkpoints"]["last.ckpt"] == sha256_file(last)
     assert verify_checkpoint(last) == "verified"
     assert main([str(run), "--rehash"]) == 2  # --rehash alone would not rewrite anything
+
+
+def test_card_shows_the_ood_detector_and_the_external_check(trained_checkpoint, tmp_path):
+    """The trained run's own card (both checks on) shows their numbers; a low external specificity, below the run's
+    evaluation.external.warn_below, becomes a limitation."""
+    run_dir = trained_checkpoint.parent.parent
+    metrics = json.loads((run_dir / "metrics.json").read_text())["metrics"]
+    card = json.loads((run_dir / "model_card.json").read_text())
+    assert card["ood"] == {k: metrics[k] for k in ("ood/auroc", "ood/test_flag_rate", "ood/threshold")}
+    for key in ("external/normal_specificity", "external/fraction_predicted_normal"):
+        for suffix in ("", "_ci_low", "_ci_high"):
+            assert card["external"][key + suffix] == metrics[key + suffix], key + suffix
+    assert card["external"]["external/test_normal_specificity"] == metrics["external/test_normal_specificity"]
+    markdown = (run_dir / "model_card.md").read_text()
+    assert "## Out-of-distribution detector" in markdown and "## External normal check" in markdown
+    assert f"| `external/normal_specificity` | {metrics['external/normal_specificity']:.4f} |" in markdown
+    warned = metrics["external/normal_specificity"] < 0.5  # the config's default warn_below
+    assert any("follows the acquisition source" in item for item in card["limitations"]) == warned
+
+    run = make_run(tmp_path / "run")
+    summary = json.loads((run / "metrics.json").read_text())
+    summary["metrics"] |= {"external/normal_specificity": 0.2, "external/test_normal_specificity": 0.9}
+    (run / "metrics.json").write_text(json.dumps(summary))
+    limitation = next(item for item in write_model_card(run)["limitations"] if "acquisition source" in item)
+    assert limitation.startswith("Normal heads from another hospital are mostly called abnormal: the normal-vs-")
+    assert "20% of them called normal; 90% of this run's test normals" in limitation
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    for warn_below, warned in ((0.3, True), (0.1, False)):
+        config["evaluation"] = {"external": {"warn_below": warn_below, "name": "HC18", "rule": "youden"}}
+        (run / "config.yaml").write_text(yaml.safe_dump(config))
+        limitations = " ".join(write_model_card(run)["limitations"])
+        assert ("20% of HC18 called normal at the youden threshold" in limitations) == warned, warn_below

@@ -1,5 +1,6 @@
 """Every option of every config group composes and instantiates; bad configs fail by name."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,38 @@ def test_a_bad_value_fails_at_build_time_naming_the_option(tmp_path):
     with train_config(tmp_path, ["data.splitter=random", "logger=none"]) as cfg:
         with pytest.raises(ValueError, match="data.splitter='random'"):
             build(cfg)
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["evaluation.ood.method=foo", "evaluation.external.rule=foo", "evaluation.external.bootstrap.confidence=95"],
+)
+def test_bad_evaluation_settings_fail_before_anything_is_built(tmp_path, monkeypatch, override):
+    """The report reads evaluation.ood and evaluation.external after training; train() refuses them at once."""
+    import fetalbrain.train
+
+    monkeypatch.setattr(fetalbrain.train, "build", lambda cfg: pytest.fail("built and trained despite " + override))
+    key = override.split("=")[0]
+    with train_config(tmp_path, [override, "logger=none"]) as cfg:
+        with pytest.raises(ValueError, match=f"^{re.escape(key)}="):
+            fetalbrain.train.train(cfg)
+    assert not list(tmp_path.iterdir())  # not even the run's config.yaml
+
+
+def test_the_evaluation_check_reads_only_what_the_report_will(tmp_path):
+    """A generator writes no classification report, a switched-off check reads no settings, and the config of a run
+    from before the checks existed (a resumed run keeps its config) has none: nothing to refuse."""
+    from fetalbrain.train import check_evaluation
+
+    bad = ["evaluation.ood.method=foo", "evaluation.external.rule=foo"]
+    with train_config(tmp_path, ["model=wgan_gp", *bad]) as cfg:
+        check_evaluation(cfg)
+    with train_config(tmp_path, [*bad, "evaluation.ood.enabled=false", "evaluation.external.enabled=false"]) as cfg:
+        check_evaluation(cfg)
+    with train_config(tmp_path, bad) as cfg:
+        with open_dict(cfg):
+            del cfg.evaluation.ood, cfg.evaluation.external
+        check_evaluation(cfg)
+    rule = ["evaluation.screening_min_sensitivity=0.9", "evaluation.external.rule=sensitivity_0.9"]
+    with train_config(tmp_path, rule) as cfg:  # the rule's name follows the sensitivity target
+        check_evaluation(cfg)

@@ -11,12 +11,16 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from PIL import Image
 
 import fetalbrain.evaluate
 from fetalbrain.evaluate import evaluate
 from fetalbrain.evaluation.calibration import fit_temperature
 from fetalbrain.evaluation.external import UnknownClassError
+from fetalbrain.evaluation.ood import DETECTOR_FILE
+from fetalbrain.evaluation.ood_images import package_file
 from fetalbrain.evaluation.screening import youden_threshold
+from fetalbrain.inference import Predictor
 from fetalbrain.predict import predict
 from tests.conftest import CONF, DATA, bad_files, read_split_csv, write_split_csv
 
@@ -35,6 +39,26 @@ def run_summary(checkpoint: Path) -> dict:
 def normal_images(count: int) -> list[Path]:
     frame = read_split_csv("test")
     return [DATA / "test" / name for name in frame.loc[frame["normal"] == 1, "filename"][:count]]
+
+
+def run_without_detector(checkpoint: Path, copy: Path) -> Path:
+    """The checkpoint's run folder (hard links) without its ood_detector.pt: a run trained before OOD detection."""
+    shutil.copytree(checkpoint.parent.parent, copy, copy_function=os.link, ignore=shutil.ignore_patterns(DETECTOR_FILE))
+    return copy / "checkpoints" / checkpoint.name
+
+
+class OnePass(Predictor):
+    """The evaluate's predictor, counting the images its net sees once it is loaded: each must pass once."""
+
+    images = 0
+
+    def features(self, batch):
+        if hasattr(self, "ood_status"):  # set once the detector is loaded (the load probes the feature size)
+            OnePass.images += len(batch)
+        return super().features(batch)
+
+    def logits(self, batch):
+        raise AssertionError("a second forward pass: with a detector, features and logits come from one pass")
 
 
 def test_evaluating_the_runs_test_images_reproduces_its_test_report(trained_checkpoint, tmp_path):
@@ -82,19 +106,28 @@ def test_evaluating_the_runs_test_images_reproduces_its_test_report(trained_chec
     assert youden_threshold(is_abnormal, score) != pytest.approx(run["screening/youden/threshold"])
     assert np.allclose(written.filter(like="p_").to_numpy(), tested.filter(like="p_").to_numpy(), atol=1e-5)
 
+    # The run's OOD detector scores each image as the run's own report scored it (ood_scores.csv), at its threshold.
+    run_scores = pd.read_csv(run_dir / "ood_scores.csv").query("set == 'test'").set_index("image")["score"]
+    run_scores.index = [Path(p).name for p in run_scores.index]
+    assert np.allclose(written["ood_score"], run_scores.loc[[Path(p).name for p in written["path"]]], atol=1e-5)
+    assert metrics["eval/ood/threshold"] == run["ood/threshold"]
+    assert metrics["eval/ood/flag_rate"] == pytest.approx((written["ood_score"] > run["ood/threshold"]).mean())
+    assert written["ood_flagged"].tolist() == (written["ood_score"] > run["ood/threshold"]).tolist()
+
     per_class = pd.read_csv(out / "per_class.csv")
     assert per_class["support"].sum() == len(tested) and per_class["predicted_fraction"].sum() == pytest.approx(1)
     for name in ("confusion_matrix", "confusion_matrix_normalised", "roc", "screening_roc", "reliability"):
         assert (out / f"{name}.png").is_file(), name
     report = (out / "report.md").read_text()
     assert "not fitted on these images" in report and f"youden {run['screening/youden/threshold']:.6g}" in report
+    assert "## Is it a fetal brain ultrasound?" in report and "source-bound" in report  # labelled: what a rate means
 
 
 def test_evaluate_on_a_normal_only_folder_reports_specificity_and_what_it_cannot(
     trained_checkpoint, tmp_path, monkeypatch, capsys
 ):
     """The command line (in this process): a folder holding only `Normal` (the clinical spelling), with a broken
-    link and a text file in it."""
+    link and a text file in it, evaluated with a run that has no OOD detector."""
     folder = tmp_path / "normal_only" / "Normal"
     folder.mkdir(parents=True)
     images = normal_images(6)
@@ -102,6 +135,7 @@ def test_evaluate_on_a_normal_only_folder_reports_specificity_and_what_it_cannot
         shutil.copyfile(path, folder / path.name)
     os.symlink(tmp_path / "moved_away.jpg", folder / "moved.jpg")
     (folder / "notes.txt").write_text("scanned on the second machine")
+    checkpoint = run_without_detector(trained_checkpoint, tmp_path / "run_without_detector")
     out = tmp_path / "eval"
     monkeypatch.setattr(
         sys,
@@ -109,7 +143,7 @@ def test_evaluate_on_a_normal_only_folder_reports_specificity_and_what_it_cannot
         [
             "fetalbrain.evaluate",
             f"--config-path={CONF}",
-            f"ckpt={trained_checkpoint}",
+            f"ckpt={checkpoint}",
             f"data.root={folder.parent}",
             f"out={out}",
             *FAST,
@@ -146,6 +180,10 @@ def test_evaluate_on_a_normal_only_folder_reports_specificity_and_what_it_cannot
     assert [Path(s["path"]).name for s in result["data"]["ignored_files"]] == ["notes.txt"]
     report = (out / "report.md").read_text()
     assert "## Not computable on these data" in report and "macro AUROC (`eval/auroc_macro`)" in report
+    # no detector: no OOD numbers, and the predictor's reason, never an error
+    assert not any(k.startswith(("eval/ood", "eval/ood_score")) for k in metrics) and "ood_score" not in predictions
+    assert f"no {DETECTOR_FILE}" in result["not_computable"]["eval/ood/flag_rate"]
+    assert f"no {DETECTOR_FILE}" in result["applied"]["ood"]["status"] and "No OOD scores" in report
 
 
 def test_unknown_class_names_are_refused_before_anything_is_predicted(trained_checkpoint, tmp_path):
@@ -163,12 +201,16 @@ def test_unknown_class_names_are_refused_before_anything_is_predicted(trained_ch
     assert "data.format=unlabeled" in message and not out.exists()
 
 
-def test_an_unlabelled_folder_gives_distributions_and_bad_images_follow_on_bad_image(trained_checkpoint, tmp_path):
+def test_an_unlabelled_folder_gives_distributions_and_bad_images_follow_on_bad_image(
+    trained_checkpoint, tmp_path, monkeypatch
+):
+    """Five scans and a colour photograph: the photograph gets the highest OOD score, each image one forward pass."""
     folder = tmp_path / "unlabelled"
     (folder / "day2").mkdir(parents=True)
     images = sorted(DATA.glob("test/*.jpg"))[:5]
     for i, path in enumerate(images):
         shutil.copyfile(path, (folder if i % 2 else folder / "day2") / path.name)
+    Image.open(package_file("sklearn", "datasets/images/china.jpg")).save(folder / "photo.png")
     truncated = bad_files(tmp_path / "bad")["truncated"]
     shutil.copyfile(truncated, folder / truncated.name)
     unlabelled = [f"ckpt={trained_checkpoint}", f"data.root={folder}", "data.format=unlabeled"]  # day2/ is no class
@@ -177,14 +219,24 @@ def test_an_unlabelled_folder_gives_distributions_and_bad_images_follow_on_bad_i
 
     out = tmp_path / "eval"
     cfg = compose_evaluate(*unlabelled, "data.on_bad_image=skip", f"out={out}", "batch_size=2")
+    monkeypatch.setattr(fetalbrain.evaluate, "Predictor", OnePass)
     result = evaluate(cfg)
     metrics = result["metrics"]
-    assert result["data"]["format"] == "unlabeled" and result["data"]["images"] == 5
+    assert result["data"]["format"] == "unlabeled" and result["data"]["images"] == 6 and OnePass.images == 6
     assert [Path(s["path"]).name for s in result["data"]["skipped_images"]] == [truncated.name]
     assert not any(k.startswith(("eval/accuracy", "eval/ece", "eval/screening_auroc")) for k in metrics)
     assert result["not_computable"]["eval/accuracy"] == "needs labels (the images are unlabelled)"
     predictions = pd.read_csv(out / "predictions.csv")
-    assert len(predictions) == 5 and "true" not in predictions.columns
+    assert len(predictions) == 6 and "true" not in predictions.columns
+    assert Path(predictions.loc[predictions["ood_score"].idxmax(), "path"]).name == "photo.png"
+    run = run_summary(trained_checkpoint)["metrics"]
+    assert metrics["eval/ood/threshold"] == run["ood/threshold"] == result["applied"]["ood"]["threshold"]
+    assert metrics["eval/ood/flag_rate"] == pytest.approx(predictions["ood_flagged"].mean())
+    assert (
+        metrics["eval/ood/flag_rate_ci_low"] <= metrics["eval/ood/flag_rate"] <= metrics["eval/ood/flag_rate_ci_high"]
+    )
+    assert metrics["eval/ood_score/q50"] == pytest.approx(predictions["ood_score"].median())
+    assert "eval/ood/flag_rate" not in result["not_computable"]
     for label in result["classes"]:
         assert metrics[f"eval/predicted/{label}"] == pytest.approx((predictions["predicted"] == label).mean())
     threshold = result["applied"]["thresholds"]["youden"]

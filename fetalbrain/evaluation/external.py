@@ -8,6 +8,11 @@ each class and the confidence distributions when only one is (e.g. only ``normal
 alone for unlabelled images. Everything else is listed as not computable, with why. A single dataset has
 no folds to spread over, so intervals are percentile bootstraps over images: the scorer that computes a
 number on the whole set computes it on every resample.
+
+When the run has an out-of-distribution detector fitted on the checkpoint, every image also gets its OOD score
+(from the forward pass that gives its class) and a flag above the run's threshold: ``eval/ood/flag_rate`` asks
+"is this a fetal brain ultrasound?" whatever the labels. On labelled scans from a real hospital a high rate says
+the detector, and the model with it, knows the training source rather than fetal brain ultrasound.
 """
 
 from dataclasses import dataclass, field
@@ -31,6 +36,9 @@ PREFIX = "eval/"
 DEFAULT_CALIBRATION_BINS = 15  # training's evaluation.calibration_bins default, for a checkpoint without its run
 SINGLE_CLASS_METRICS = ("accuracy", "balanced_accuracy")  # stage metrics that mean something on one class
 CALIBRATION_KEYS = [f"{PREFIX}{k}" for k in ("ece", "nll", "ece_temperature_scaled", "nll_temperature_scaled")]
+OOD_FLAG_RATE = f"{PREFIX}ood/flag_rate"  # fraction above the run's OOD threshold: "not a fetal brain ultrasound"
+OOD_THRESHOLD = f"{PREFIX}ood/threshold"
+OOD_SCORE = "ood_score"  # the predictions.csv column, and the name of its quantiles (eval/ood_score/q50, ...)
 
 
 class UnknownClassError(DatasetError):
@@ -48,6 +56,7 @@ class RunChoices:
     temperature: float | None = None
     calibration_bins: int = DEFAULT_CALIBRATION_BINS
     source: str | None = None  # the metrics.json the values come from
+    ood_test_flag_rate: float | None = None  # the run's own test part flagged by its OOD detector
     notes: list[str] = field(default_factory=list)
 
 
@@ -97,6 +106,8 @@ def run_choices(checkpoint: Path) -> RunChoices:
             choices.thresholds[parts[1]] = float(value)
     if metrics.get("calibration/temperature") is not None:
         choices.temperature = float(metrics["calibration/temperature"])
+    if metrics.get("ood/test_flag_rate") is not None:
+        choices.ood_test_flag_rate = float(metrics["ood/test_flag_rate"])
     if (run_dir / CONFIG_FILE).is_file():
         bins = OmegaConf.select(OmegaConf.load(run_dir / CONFIG_FILE), "evaluation.calibration_bins")
         choices.calibration_bins = int(bins) if bins is not None else DEFAULT_CALIBRATION_BINS
@@ -214,6 +225,35 @@ def read_evaluation_data(
     return EvaluationData(root, format, list(table["path"]), labels, list(parts or available), bad, ignored)
 
 
+# ---- the run's OOD detector on the evaluated images -------------------------------------------------------
+@dataclass
+class OODScores:
+    """What the run's out-of-distribution detector says of each evaluated image: its score (higher: less like the
+    training images) and whether it is above the run's threshold (chosen on the run's validation part). Without a
+    detector for this checkpoint ``scores`` is None and ``status`` says why (``Predictor.ood_status``)."""
+
+    status: str
+    scores: np.ndarray | None = None
+    flagged: np.ndarray | None = None
+    threshold: float | None = None
+    keep_in_distribution: float | None = None  # the fraction of the run's validation images the threshold keeps
+
+    @classmethod
+    def of(cls, detector, scores: np.ndarray | None, status: str) -> "OODScores":
+        """From a fitted ``OODDetector`` (or None) and its scores: its own ``flag`` decides what is flagged."""
+        if detector is None or scores is None:
+            return cls(status)
+        return cls(status, scores, detector.flag(scores), detector.threshold, detector.keep_in_distribution)
+
+    @property
+    def available(self) -> bool:
+        return self.scores is not None
+
+    def applied(self) -> dict:
+        """metrics.json's record of the detector applied (nothing about it is fitted on the evaluated images)."""
+        return {"status": self.status, "threshold": self.threshold, "keep_in_distribution": self.keep_in_distribution}
+
+
 # ---- scoring ---------------------------------------------------------------------------------------------
 def _fraction_key(label: str) -> str:
     return f"{PREFIX}predicted/{label}"
@@ -228,7 +268,8 @@ class Scorer:
     on each bootstrap resample (``score(index)``); ``not_computable`` says what the whole set does not allow.
 
     ``probs`` are the model's own (uncalibrated) probabilities: the run chose its thresholds on those. The
-    run's temperature scales them for the calibrated ECE and NLL only."""
+    run's temperature scales them for the calibrated ECE and NLL only. ``ood``: the run's OOD detector's scores of
+    the same images, in the same order."""
 
     def __init__(
         self,
@@ -237,9 +278,13 @@ class Scorer:
         class_names: list[str],
         choices: RunChoices,
         calibration_bins: int,
+        ood: OODScores | None = None,
     ):
         self.probs, self.targets, self.class_names = probs, targets, class_names
         self.choices, self.bins = choices, calibration_bins
+        self.ood = ood if ood is not None else OODScores("no OOD scores were given")
+        if self.ood.available and len(self.ood.scores) != len(probs):
+            raise ValueError(f"{len(self.ood.scores)} OOD scores for {len(probs)} images")
         self.scaled = (
             calibration.apply_temperature(probs, choices.temperature) if choices.temperature is not None else None
         )
@@ -282,6 +327,8 @@ class Scorer:
                         why[f"{PREFIX}screening/{rule}/sensitivity"] = "needs abnormal images; all are normal"
                     if not (is_abnormal == 0).any():
                         why[f"{PREFIX}screening/{rule}/specificity"] = "needs normal images; all are abnormal"
+        if not self.ood.available:
+            why[OOD_FLAG_RATE] = f"needs the run's OOD detector for this checkpoint ({self.ood.status})"
         if self.normal is None:
             why[f"{PREFIX}screening"] = f"the checkpoint has no '{NORMAL_CLASS}' class: no abnormal-vs-normal score"
         elif not rules:
@@ -321,6 +368,8 @@ class Scorer:
                         if f"{PREFIX}screening/{rule}/{kind}" not in skip:
                             values[f"{PREFIX}screening/{rule}/{kind}"] = point[kind]
                 values[f"{PREFIX}screening/{rule}/flagged"] = float(np.mean(abnormal >= threshold))
+        if self.ood.available:
+            values[OOD_FLAG_RATE] = float(np.mean(self.ood.flagged[index]))
         values.update({_fraction_key(c): float(np.mean(predicted == i)) for i, c in enumerate(self.class_names)})
         return values
 
@@ -353,12 +402,15 @@ def bootstrap_intervals(
 
 
 def distribution_metrics(scorer: Scorer, quantiles: list[float]) -> dict[str, float]:
-    """Quantiles and means of the confidence (raw and at the run's temperature) and of the abnormal score."""
+    """Quantiles and means of the confidence (raw and at the run's temperature), of the abnormal score and of the
+    OOD score."""
     series = {"confidence": scorer.probs.max(axis=1)}
     if scorer.scaled is not None:
         series["confidence_temperature_scaled"] = scorer.scaled.max(axis=1)
     if scorer.abnormal is not None:
         series["abnormal_probability"] = scorer.abnormal
+    if scorer.ood.available:
+        series[OOD_SCORE] = scorer.ood.scores
     metrics = {}
     for name, values in series.items():
         metrics.update({quantile_key(name, q): float(np.quantile(values, q)) for q in quantiles})
@@ -368,11 +420,11 @@ def distribution_metrics(scorer: Scorer, quantiles: list[float]) -> dict[str, fl
 
 # ---- the report ------------------------------------------------------------------------------------------
 def distributions_figure(scorer: Scorer, path: Path, bins: int) -> Path:
-    """Confidence histograms (raw and at the run's temperature) and the abnormal score against the run's
-    thresholds: what can be shown without labels."""
+    """Confidence histograms (raw and at the run's temperature), the abnormal score against the run's screening
+    thresholds and the OOD score against the run's OOD threshold: what can be shown without labels."""
     import matplotlib.pyplot as plt  # Agg: set by fetalbrain.evaluation.plots
 
-    panels = 2 if scorer.abnormal is not None else 1
+    panels = 1 + (scorer.abnormal is not None) + scorer.ood.available
     fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.2), squeeze=False)
     ax = axes[0, 0]
     edges = np.linspace(0, 1, bins + 1)
@@ -399,6 +451,18 @@ def distributions_figure(scorer: Scorer, path: Path, bins: int) -> Path:
         ax.set_title("Screening score; run's thresholds (chosen on its validation)", fontsize=9)
         if scorer.choices.thresholds:
             ax.legend(fontsize=8)
+    if scorer.ood.available:
+        ood, ax = scorer.ood, axes[0, -1]
+        low, high = min(ood.scores.min(), ood.threshold), max(ood.scores.max(), ood.threshold)
+        ax.hist(ood.scores, bins=np.linspace(low, high, bins + 1) if high > low else bins, color="C1", alpha=0.7)
+        ax.axvline(
+            ood.threshold, color="k", ls="--", label=f"threshold {ood.threshold:.4g}: {ood.flagged.mean():.0%} flagged"
+        )
+        ax.set_xlabel("OOD score (higher: less like the training images)")
+        ax.set_ylabel("images")
+        keeps = f" (keeps {ood.keep_in_distribution:.0%} of its validation)" if ood.keep_in_distribution else ""
+        ax.set_title(f"OOD score; run's threshold{keeps}", fontsize=9)
+        ax.legend(fontsize=8)
     return plots._save(fig, path)
 
 
@@ -423,11 +487,13 @@ def write_evaluation_report(
     bootstrap: dict,
     quantiles: list[float],
     histogram_bins: int = 20,
+    ood: OODScores | None = None,
 ) -> EvaluationReport:
     """Write the tables and figures the data allow; return the metrics (with intervals) and what was not
-    computable. ``bootstrap``: ``samples``, ``seed``, ``confidence``."""
+    computable. ``bootstrap``: ``samples``, ``seed``, ``confidence``; ``ood``: the run's OOD detector's scores of
+    the images (None or without scores: ``eval/ood/...`` not computable, with why)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    scorer = Scorer(probs, targets, class_names, choices, calibration_bins)
+    scorer = Scorer(probs, targets, class_names, choices, calibration_bins, ood)
     point = scorer.score()
     metrics = {
         **point,
@@ -438,6 +504,7 @@ def write_evaluation_report(
             for rule, t in choices.thresholds.items()
             if scorer.abnormal is not None
         },
+        **({OOD_THRESHOLD: scorer.ood.threshold} if scorer.ood.available else {}),
         f"{PREFIX}images": float(len(probs)),
     }
     notes: list[str] = list(choices.notes)
@@ -455,6 +522,8 @@ def write_evaluation_report(
     if scorer.abnormal is not None:
         extra["abnormal_probability"] = scorer.abnormal
         extra.update({f"flagged_{rule}": scorer.abnormal >= t for rule, t in choices.thresholds.items()})
+    if scorer.ood.available:
+        extra[OOD_SCORE], extra["ood_flagged"] = scorer.ood.scores, scorer.ood.flagged
     position = table.columns.get_loc("confidence") + 1
     for offset, (name, values) in enumerate(extra.items()):
         table.insert(position + offset, name, values)
@@ -522,6 +591,8 @@ METRIC_LABELS = {
     f"{PREFIX}screening_auroc": "screening AUROC (abnormal vs normal)",
     f"{PREFIX}screening": "screening",
     f"{PREFIX}screening/<rule>": "screening at the run's thresholds",
+    OOD_FLAG_RATE: "flagged not a fetal brain ultrasound (OOD)",
+    OOD_THRESHOLD: "OOD threshold (the run's)",
 }
 
 
@@ -538,6 +609,41 @@ def metric_label(key: str) -> str:
 
 def _fmt(value) -> str:
     return "—" if value is None or not np.isfinite(value) else f"{value:.3f}"
+
+
+def _ood_section(summary: dict) -> list[str]:
+    """Is it a fetal brain ultrasound? The run's OOD detector on these images, and what its flag rate means here."""
+    metrics, ood = summary["metrics"], summary["applied"].get("ood") or {}
+    lines = ["", "## Is it a fetal brain ultrasound? (the run's OOD detector)", ""]
+    if OOD_FLAG_RATE not in metrics:
+        why = ood.get("status", "none was applied")
+        return lines + [f"No OOD scores, so no image is checked. The run's OOD detector for this checkpoint: {why}."]
+    low, high = metrics.get(f"{OOD_FLAG_RATE}_ci_low"), metrics.get(f"{OOD_FLAG_RATE}_ci_high")
+    interval = f" (interval {_fmt(low)} – {_fmt(high)})" if low is not None else ""
+    reference = []
+    if ood.get("keep_in_distribution") is not None:
+        reference.append(f"{1 - ood['keep_in_distribution']:.0%} of the run's validation images by construction")
+    if ood.get("run_test_flag_rate") is not None:
+        reference.append(f"{ood['run_test_flag_rate']:.1%} of its test images")
+    lines += [
+        f"Detector: {ood['status']}. The score is how unlike the run's training images an image is, in the "
+        "network's penultimate features; above the threshold (chosen on the run's validation part, not on these "
+        "images) an image is flagged as not a fetal brain ultrasound.",
+        "",
+        f"**{metrics[OOD_FLAG_RATE]:.1%} of these {summary['data']['images']} images are flagged**{interval}"
+        + (f"; the threshold flags {' and '.join(reference)}." if reference else "."),
+        "Flagged images are marked in `predictions.csv` (`ood_score`, `ood_flagged`): their predicted classes are "
+        "no answer.",
+    ]
+    if summary["data"]["labelled"]:
+        lines += [
+            "",
+            "These images are labelled, so they are meant to be fetal brain ultrasound: here the flag rate says "
+            "whether the detector knows fetal brain ultrasound or only its training source. A high rate on a real "
+            "hospital's scans says the detector (and the model) is source-bound: it learnt the acquisition of its "
+            "training images, not fetal brain anatomy.",
+        ]
+    return lines
 
 
 def markdown_report(summary: dict) -> str:
@@ -575,6 +681,9 @@ def markdown_report(summary: dict) -> str:
         else "No temperature: the run recorded none."
     )
     lines.append(f"Calibration bins: {applied['calibration_bins']}.")
+    ood = applied.get("ood") or {}
+    if ood.get("threshold") is not None:
+        lines.append(f"OOD threshold {ood['threshold']:.4g} (`ood/threshold`, chosen on the run's validation part).")
     scored = [k for k in summary["scored"] if not k.startswith(f"{PREFIX}predicted/")]
     if scored:
         lines += [
@@ -594,8 +703,9 @@ def markdown_report(summary: dict) -> str:
         if metrics.get(key):
             interval = f"{_fmt(metrics.get(f'{key}_ci_low'))} – {_fmt(metrics.get(f'{key}_ci_high'))}"
             lines.append(f"| {display_name(label)} | {_fmt(metrics[key])} | {interval} |")
+    lines += _ood_section(summary)
     lines += ["", "## Distributions (see distributions.png)", "", "| score | quantiles | mean |", "|---|---|---|"]
-    for name in ("confidence", "confidence_temperature_scaled", "abnormal_probability"):
+    for name in ("confidence", "confidence_temperature_scaled", "abnormal_probability", OOD_SCORE):
         quantiles = {float(k.rsplit("/q", 1)[1]): v for k, v in metrics.items() if k.startswith(f"{PREFIX}{name}/q")}
         if quantiles:
             text = ", ".join(f"q{q:g} {v:.3f}" for q, v in sorted(quantiles.items()))

@@ -108,11 +108,17 @@ def subject_bootstrap(
 
 
 # ---- options ---------------------------------------------------------------------------------------------------
-def check_options(options) -> None:
-    """Refuse bad ``evaluation.external`` settings by key (cheap: callable before training starts)."""
+def check_options(options, rules: list[str] | None = None) -> None:
+    """Refuse bad ``evaluation.external`` settings by key (cheap: callable before training starts); with ``rules``
+    (``screening_rules`` of the run), also a ``rule`` the run will choose no threshold for."""
     for key in ("root", "label", "rule", "name"):
         if not isinstance(options.get(key), str) or not options.get(key):
             raise ValueError(f"evaluation.external.{key}={options.get(key)!r}: a non-empty string")
+    if rules is not None and options.rule not in rules:
+        raise ValueError(
+            f"evaluation.external.rule={options.rule!r}: not a screening rule of the run; choose one of "
+            f"{', '.join(rules)} (named after evaluation.screening_min_sensitivity)"
+        )
     boot = options.get("bootstrap")
     if boot is None:
         raise ValueError("evaluation.external.bootstrap: missing (samples, seed, confidence)")

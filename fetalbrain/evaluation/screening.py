@@ -36,6 +36,11 @@ def operating_point(is_abnormal: np.ndarray, score: np.ndarray, threshold: float
     }
 
 
+def screening_rules(min_sensitivity: float) -> list[str]:
+    """The names of the operating points a run chooses on validation (``screening/<rule>/threshold``)."""
+    return ["youden", f"sensitivity_{min_sensitivity:g}"]
+
+
 def screening_metrics(
     val: tuple[np.ndarray, np.ndarray],
     test: tuple[np.ndarray, np.ndarray],
@@ -54,9 +59,10 @@ def screening_metrics(
         notes.append("validation part has only normal or only abnormal images: no operating threshold")
         return metrics, notes
     metrics["screening/val_auroc"] = float(roc_auc_score(val_y, val_score))
+    youden, sensitivity = screening_rules(min_sensitivity)
     rules = {
-        "youden": youden_threshold(val_y, val_score),
-        f"sensitivity_{min_sensitivity:g}": sensitivity_threshold(val_y, val_score, min_sensitivity),
+        youden: youden_threshold(val_y, val_score),
+        sensitivity: sensitivity_threshold(val_y, val_score, min_sensitivity),
     }
     for rule, threshold in rules.items():
         for key, value in operating_point(test_y, test_score, threshold).items():
