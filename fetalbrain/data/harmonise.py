@@ -23,6 +23,11 @@ INTENSITY_METHODS = ("none", "percentile", "equalise")
 
 def sector_mask(image: np.ndarray, min_std: float = 3.0, min_level: float = 6.0, window: int = 5) -> np.ndarray:
     """Boolean mask of the ultrasound sector (all True when no textured region is found)."""
+    return _sector_mask(image, min_std, min_level, window).astype(bool)
+
+
+def _sector_mask(image: np.ndarray, min_std: float, min_level: float, window: int = 5) -> np.ndarray:
+    """``sector_mask`` as a 0/1 uint8 array: what OpenCV's masked operations take."""
     height, width = image.shape[:2]
     scale = SECTOR_WORK_SIZE / max(height, width)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
@@ -34,7 +39,7 @@ def sector_mask(image: np.ndarray, min_std: float = 3.0, min_level: float = 6.0,
     textured = cv2.morphologyEx(textured, cv2.MORPH_OPEN, np.ones((7, 7), np.uint8))
     count, labels, stats, _ = cv2.connectedComponentsWithStats(textured, connectivity=8)
     if count <= 1:
-        return np.ones((height, width), bool)
+        return np.ones((height, width), np.uint8)
     largest = (labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))).astype(np.uint8)
     # Its convex hull: a sector is convex, and dark smooth anatomy (fluid, the brain's interior) that reaches the
     # sector's edge has no speckle to be found by, but lies inside the hull.
@@ -42,7 +47,7 @@ def sector_mask(image: np.ndarray, min_std: float = 3.0, min_level: float = 6.0,
     filled = np.zeros_like(largest)
     cv2.fillConvexPoly(filled, cv2.convexHull(np.vstack(contours)), 1)
     filled = cv2.erode(filled, np.ones((window, window), np.uint8))  # the std window reached half its size beyond
-    return cv2.resize(filled, (width, height), interpolation=cv2.INTER_NEAREST).astype(bool)
+    return cv2.resize(filled, (width, height), interpolation=cv2.INTER_NEAREST)
 
 
 class RemoveOverlays(A.ImageOnlyTransform):
@@ -92,12 +97,12 @@ class Sector(A.ImageOnlyTransform):
         self.mask, self.crop, self.min_std, self.min_level = mask, crop, min_std, min_level
 
     def apply(self, img: np.ndarray, **params) -> np.ndarray:
-        inside = sector_mask(img, self.min_std, self.min_level)
-        if self.mask:
-            img = np.where(inside, img, 0).astype(img.dtype)
+        inside = _sector_mask(img, self.min_std, self.min_level)
         if self.crop:
-            x, y, w, h = cv2.boundingRect(inside.astype(np.uint8))
-            img = img[y : y + h, x : x + w]
+            x, y, w, h = cv2.boundingRect(inside)
+            img, inside = img[y : y + h, x : x + w], inside[y : y + h, x : x + w]
+        if self.mask:
+            img = cv2.bitwise_and(img, img, mask=inside)
         return np.ascontiguousarray(img)
 
     def get_transform_init_args_names(self):
@@ -120,7 +125,7 @@ class Vignette(A.ImageOnlyTransform):
         inside = np.zeros((height, width), np.uint8)
         axes = (max(1, round(width * self.fraction / 2)), max(1, round(height * self.fraction / 2)))
         cv2.ellipse(inside, (width // 2, height // 2), axes, 0, 0, 360, 1, thickness=cv2.FILLED)
-        return img * inside
+        return cv2.bitwise_and(img, img, mask=inside)
 
     def get_transform_init_args_names(self):
         return ("fraction",)
