@@ -24,6 +24,7 @@ from fetalbrain.evaluation.metrics import SHOWN
 from fetalbrain.evaluation.ood import DETECTOR_FILE, OODDetector, features_and_logits
 from fetalbrain.integrity import sha256_file, verify_checkpoint
 from fetalbrain.models.gradcam import grad_cam, overlay
+from fetalbrain.models.tta import check_tta, mean_probability_logits, tta_views
 from fetalbrain.runs import SUMMARY_FILE, read_checkpoint, read_summary, run_directory
 
 ONNX_METADATA_KEY = "fetalbrain"
@@ -85,6 +86,7 @@ def deployment_metadata(checkpoint: Path, state: dict, screening_rule: str = "yo
         "test_metrics": {},
         "screening_threshold": None,
         "temperature": None,
+        "tta": hparams.get("tta", "none"),  # model.tta: an ONNX export runs its views through the plain net
     }
     if (run_directory(checkpoint) / SUMMARY_FILE).is_file():
         metrics = read_summary(run_directory(checkpoint))["metrics"]
@@ -99,7 +101,9 @@ class Predictor:
 
     A checkpoint whose run has a model card must match the SHA256 recorded there (``verify=False``
     skips the check). The run's out-of-distribution detector (``ood_detector.pt``) is loaded with its
-    checkpoint (``ood=False`` leaves it out); ``ood_status`` says whether there is one and why not."""
+    checkpoint (``ood=False`` leaves it out); ``ood_status`` says whether there is one and why not.
+    ``tta``: test-time augmentation (``none``/``flip``), by default the run's ``model.tta``; with an ONNX export
+    (the plain net) each view is a pass through it, averaged as probabilities like the checkpoint does."""
 
     def __init__(
         self,
@@ -111,6 +115,7 @@ class Predictor:
         heatmaps: bool = True,
         verify: bool = True,
         ood: bool = True,
+        tta: str | None = None,
     ):
         self.path = Path(model_path)
         if not self.path.is_file():
@@ -137,6 +142,8 @@ class Predictor:
             self.card = deployment_metadata(self.path, state, screening_rule)
             self.session, self.model = None, load_classifier(state)
         self.heatmaps = heatmaps  # an ONNX model cannot make one: each prediction says so
+        self.tta = tta if tta is not None else self.card.get("tta", "none")
+        check_tta(self.tta)
         self.temperature = (self.card.get("temperature") or 1.0) if calibrated else 1.0
         # The run's preprocessing in two halves: everything but the final resize gives the view the heatmap is
         # drawn on (cropped, masked, letterboxed as the network saw it, at full resolution); then resize and
@@ -180,19 +187,31 @@ class Predictor:
             tensor = tensor.expand(3, -1, -1)
         return tensor.unsqueeze(0).contiguous()
 
-    def logits(self, batch: torch.Tensor) -> np.ndarray:
+    def _net_logits(self, batch: torch.Tensor) -> np.ndarray:
+        """One plain forward pass (no test-time augmentation)."""
         if self.session is not None:
             return self.session.run(None, {self.session.get_inputs()[0].name: batch.numpy()})[0]
         with torch.no_grad():
             return self.model(batch).float().numpy()
 
+    def _with_tta(self, batch: torch.Tensor, logits: np.ndarray) -> np.ndarray:
+        """``logits`` of ``batch`` averaged as probabilities with those of ``self.tta``'s views (as in test)."""
+        if self.tta == "none":
+            return logits
+        views = [torch.as_tensor(logits), *(torch.as_tensor(self._net_logits(v)) for v in tta_views(batch, self.tta))]
+        return mean_probability_logits(views).numpy()
+
+    def logits(self, batch: torch.Tensor) -> np.ndarray:
+        return self._with_tta(batch, self._net_logits(batch))
+
     def probabilities(self, batch: torch.Tensor) -> np.ndarray:
         return softmax(self.logits(batch), self.temperature)
 
     def features(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """(penultimate features, logits) from one forward pass of the PyTorch checkpoint."""
+        """(penultimate features, logits) from one forward pass of the PyTorch checkpoint; with ``self.tta`` the
+        logits average that pass with the views' (the OOD detector scores the plain pass's features)."""
         features, logits = features_and_logits(self.model, batch)
-        return features.numpy(), logits.numpy()
+        return features.numpy(), self._with_tta(batch, logits.numpy())
 
     def predict_file(self, path: str | Path, heatmap: bool | None = None) -> Prediction:
         started = time.perf_counter()

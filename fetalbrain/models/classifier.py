@@ -1,5 +1,8 @@
-"""The one LightningModule for classification: any net, cross-entropy, per-stage metric collections."""
+"""The one LightningModule for classification: any net, per-stage metric collections, and the training levers
+for small imbalanced data: the loss (``fetalbrain.models.losses``), mixup/cutmix, staged unfreezing, a lower
+learning rate for the backbone and layer-wise decay, warm-up, and test-time augmentation."""
 
+import logging
 from functools import partial
 from pathlib import Path
 
@@ -13,7 +16,35 @@ from torchmetrics import MaxMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from fetalbrain.evaluation.metrics import classification_metrics
+from fetalbrain.models.losses import check_loss_options, class_weights, classification_loss, log_prior
+from fetalbrain.models.tta import check_tta, mean_probability_logits, tta_views
 from fetalbrain.runs import Report, read_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def cosine_with_warmup(
+    optimizer: torch.optim.Optimizer,
+    T_max: int,
+    eta_min: float = 0.0,
+    warmup_epochs: int = 0,
+    warmup_start_factor: float = 0.01,
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Cosine annealing to ``eta_min`` at epoch ``T_max`` after ``warmup_epochs`` (``scheduler.warmup_epochs``)
+    of linear warm-up from ``warmup_start_factor`` x each group's learning rate: a new head's large early gradients
+    do not wreck pretrained features. Without warm-up, exactly torch's CosineAnnealingLR."""
+    if not 0 <= warmup_epochs < T_max:
+        raise ValueError(
+            f"scheduler.warmup_epochs={warmup_epochs}: must be >= 0 and below scheduler.T_max={T_max} "
+            "(trainer.max_epochs by default)"
+        )
+    if not 0.0 < warmup_start_factor <= 1.0:
+        raise ValueError(f"scheduler.warmup_start_factor={warmup_start_factor}: must be in (0, 1]")
+    if warmup_epochs == 0:
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=T_max, eta_min=eta_min)
+    warmup = torch.optim.lr_scheduler.LinearLR(optimizer, warmup_start_factor, 1.0, total_iters=warmup_epochs)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=T_max - warmup_epochs, eta_min=eta_min)
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, cosine], milestones=[warmup_epochs])
 
 
 class Classifier(L.LightningModule):
@@ -34,10 +65,28 @@ class Classifier(L.LightningModule):
         compile: bool = False,
         monitor: str = "val/f1_macro",
         preprocessing: dict | None = None,
+        loss: str = "cross_entropy",
+        focal_gamma: float = 2.0,
+        logit_adjustment_tau: float = 1.0,
+        class_balance_beta: float = 0.999,
+        layer_decay: float | None = None,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        mix_prob: float = 1.0,
+        mix_switch_prob: float = 0.5,
+        tta: str = "none",
     ):
         super().__init__()
-        if class_weighting not in ("none", "balanced"):
-            raise ValueError(f"model.class_weighting={class_weighting!r}: choose none or balanced")
+        check_loss_options(loss, class_weighting, label_smoothing, focal_gamma, class_balance_beta)
+        if layer_decay is not None and not 0.0 < layer_decay <= 1.0:
+            raise ValueError(f"model.layer_decay={layer_decay}: must be in (0, 1], or null for none")
+        for key, value in (("mixup_alpha", mixup_alpha), ("cutmix_alpha", cutmix_alpha)):
+            if value < 0:
+                raise ValueError(f"model.{key}={value}: must be >= 0 (0: off)")
+        for key, value in (("mix_prob", mix_prob), ("mix_switch_prob", mix_switch_prob)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"model.{key}={value}: must be between 0 and 1")
+        check_tta(tta)  # a bad model.tta fails here, not at test time
         net = OmegaConf.to_container(net, resolve=True) if isinstance(net, DictConfig) else dict(net)
         class_names = list(class_names)
         # Plain Python values only: checkpoints must load with torch.load(weights_only=True).
@@ -56,11 +105,37 @@ class Classifier(L.LightningModule):
                 "preprocessing": OmegaConf.to_container(preprocessing)
                 if isinstance(preprocessing, DictConfig)
                 else preprocessing,
+                "loss": loss,
+                "focal_gamma": focal_gamma,
+                "logit_adjustment_tau": logit_adjustment_tau,
+                "class_balance_beta": class_balance_beta,
+                "layer_decay": layer_decay,
+                "mixup_alpha": mixup_alpha,
+                "cutmix_alpha": cutmix_alpha,
+                "mix_prob": mix_prob,
+                "mix_switch_prob": mix_switch_prob,
+                "tta": tta,
             }
         )
         self.net = instantiate(net, num_classes=len(class_names))
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
-        self.register_buffer("class_weights", torch.ones(len(class_names)))
+        self.register_buffer("class_weights", torch.ones(len(class_names)))  # model.class_weighting
+        # The training part's log class frequencies (model.loss=logit_adjusted): computed from the data at every
+        # fit, so not in checkpoints (whose keys stay those of runs from before this loss existed).
+        self.register_buffer("class_log_prior", torch.zeros(len(class_names)), persistent=False)
+        self.mixup = None
+        if (mixup_alpha > 0 or cutmix_alpha > 0) and mix_prob > 0:
+            from timm.data import Mixup
+
+            # Targets mixed without smoothing: the loss smooths every target alike (model.label_smoothing).
+            self.mixup = Mixup(
+                mixup_alpha=mixup_alpha,
+                cutmix_alpha=cutmix_alpha,
+                prob=mix_prob,
+                switch_prob=mix_switch_prob,
+                label_smoothing=0.0,
+                num_classes=len(class_names),
+            )
         metrics = classification_metrics(len(class_names))
         for metric in metrics.values():  # computed on predictions already gathered from every rank
             metric.sync_on_compute = False
@@ -91,18 +166,50 @@ class Classifier(L.LightningModule):
         if self.hparams.compile and not hasattr(self, "_compiled_net"):
             # Not registered as a submodule: checkpoints keep the plain net's parameter names.
             object.__setattr__(self, "_compiled_net", torch.compile(self.net))
+        hp = self.hparams
+        if stage != "fit" or (hp.class_weighting == "none" and hp.loss != "logit_adjusted"):
+            return
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
-        if stage == "fit" and self.hparams.class_weighting == "balanced" and datamodule is not None:
-            counts = datamodule.train_class_counts().to(self.class_weights)
-            present = counts > 0
-            weights = torch.zeros_like(counts)
-            weights[present] = counts.sum() / (present.sum() * counts[present])
-            self.class_weights.copy_(weights)
+        if datamodule is None:
+            raise ValueError(
+                f"model.class_weighting={hp.class_weighting} / model.loss={hp.loss} need the training part's class "
+                "counts: fit with a datamodule (datamodule.train_class_counts())"
+            )
+        counts = datamodule.train_class_counts()
+        self.class_weights.copy_(class_weights(counts, hp.class_weighting, hp.class_balance_beta))
+        self.class_log_prior.copy_(log_prior(counts))
+        if datamodule.hparams.get("sampler") == "weighted":
+            log.warning(
+                "data.sampler=weighted already balances the classes; with model.class_weighting=%s and "
+                "model.loss=%s the rare classes are favoured twice",
+                hp.class_weighting,
+                hp.loss,
+            )
 
     # ---- training -------------------------------------------------------------------------------
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        weight = self.class_weights if self.hparams.class_weighting == "balanced" else None
-        return F.cross_entropy(logits, targets, weight=weight, label_smoothing=self.hparams.label_smoothing)
+        """``targets``: class indices, or class probabilities (mixup/cutmix)."""
+        hp = self.hparams
+        return classification_loss(
+            logits,
+            targets,
+            loss=hp.loss,
+            weight=self.class_weights if hp.class_weighting != "none" else None,
+            label_smoothing=hp.label_smoothing,
+            focal_gamma=hp.focal_gamma,
+            prior=self.class_log_prior,
+            tau=hp.logit_adjustment_tau,
+        )
+
+    def _mix(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """mixup/cutmix (timm's ``Mixup``, one lambda per batch, each image with its mirror in the batch order):
+        mixed images and their class-probability targets. timm mixes pairs, so an odd last image stays itself."""
+        even = len(images) - len(images) % 2
+        if self.mixup is None or even == 0:
+            return images, targets
+        mixed, soft = self.mixup(images[:even].clone(), targets[:even])
+        rest = F.one_hot(targets[even:], len(self.hparams.class_names)).to(soft)
+        return torch.cat([mixed, images[even:]]), torch.cat([soft, rest])
 
     @property
     def backbone_is_pretrained(self) -> bool:
@@ -121,18 +228,27 @@ class Classifier(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         images, targets = batch
-        logits = self(images)
-        loss = self._loss(logits, targets)
-        self.train_accuracy(logits, targets)
+        mixed, mixed_targets = self._mix(images, targets)
+        logits = self(mixed)
+        loss = self._loss(logits, mixed_targets)
+        self.train_accuracy(logits, targets)  # against each image's own class (the larger part of a mix)
         self.log(
             "train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(targets), sync_dist=True
         )
         self.log("train/accuracy", self.train_accuracy, on_step=False, on_epoch=True, batch_size=len(targets))
         return loss
 
+    def predict_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """The logits of test and prediction: with ``model.tta``, of the views' averaged probabilities
+        (``mean_probability_logits``). Validation during training (model selection) uses the plain forward."""
+        logits = self(images)
+        views = tta_views(images, self.hparams.tta)
+        return mean_probability_logits([logits, *(self(view) for view in views)]) if views else logits
+
     def _evaluate(self, batch, stage: str) -> None:
         images, targets = batch
-        self._outputs[stage].append((self(images).detach().float(), targets))
+        logits = self.predict_logits(images) if stage == "test" else self(images)
+        self._outputs[stage].append((logits.detach().float(), targets))
 
     def _stage_outputs(self, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The stage's logits and targets over the whole set, in the loader's order (the table's).
@@ -183,11 +299,12 @@ class Classifier(L.LightningModule):
 
     @torch.no_grad()
     def predict_proba(self, loader) -> tuple[torch.Tensor, torch.Tensor]:
-        """Class probabilities and targets for every batch of ``loader``, in eval mode."""
+        """Class probabilities (with ``model.tta``, as in test) and targets for every batch of ``loader``, in eval
+        mode: the report fits temperature scaling on validation's, so that it calibrates what test gives."""
         self.eval()
         probs, targets = [], []
         for images, target in loader:
-            probs.append(self(images.to(self.device)).float().softmax(dim=1).cpu())
+            probs.append(self.predict_logits(images.to(self.device)).float().softmax(dim=1).cpu())
             targets.append(torch.as_tensor(target))
         return torch.cat(probs), torch.cat(targets)
 
@@ -200,16 +317,39 @@ class Classifier(L.LightningModule):
     def configure_optimizers(self):
         if self.optimizer_factory is None:
             raise ValueError("no optimizer given: compose the config with an optimizer group")
-        factor = self.hparams.backbone_lr_factor
-        params = self.parameters()
-        if factor != 1.0:
-            lr = self.optimizer_factory.keywords["lr"]
-            params = [{"params": self.backbone_parameters(), "lr": lr * factor}, {"params": self.head_parameters()}]
-        optimizer = self.optimizer_factory(params=params)
+        optimizer = self.optimizer_factory(params=self.parameter_groups())
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer=optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "val/loss"}}
+
+    def parameter_groups(self) -> list[dict] | list[nn.Parameter]:
+        """Learning rate per parameter: ``optimizer.lr`` x ``model.backbone_lr_factor`` (backbone, not head) x
+        ``model.layer_decay`` ** (its layer's distance from the head), layers as timm groups them
+        (``timm.optim.param_groups_layer_decay``: stem, each block, head). Weight decay stays the optimizer's."""
+        factor, decay = self.hparams.backbone_lr_factor, self.hparams.layer_decay
+        if decay is None and factor == 1.0:
+            return list(self.parameters())
+        lr = self.optimizer_factory.keywords["lr"]
+        if decay is None:
+            return [{"params": self.backbone_parameters(), "lr": lr * factor}, {"params": self.head_parameters()}]
+        if not hasattr(self.net, "group_matcher"):
+            raise ValueError(
+                f"model.layer_decay={decay}: {type(self.net).__name__} has no layer groups; layer-wise decay needs "
+                "a timm backbone (model=efficientnet_lite0, xception, timm, ...) or model.layer_decay=null"
+            )
+        from timm.optim import param_groups_layer_decay
+
+        head = {id(p) for p in self.head_parameters()}
+        groups = []
+        for group in param_groups_layer_decay(self.net, layer_decay=decay, weight_decay_exclude_1d=False):
+            for in_head, scale in ((True, 1.0), (False, factor)):
+                params = [p for p in group["params"] if (id(p) in head) == in_head]
+                if params:
+                    groups.append({"params": params, "lr": lr * group["lr_scale"] * scale})
+        if sum(len(g["params"]) for g in groups) != len(list(self.parameters())):  # timm skips frozen parameters
+            raise RuntimeError("model.layer_decay: frozen parameters at optimizer set-up; every one must be trained")
+        return groups
 
 
 def load_classifier(checkpoint: str | Path | dict) -> Classifier:
