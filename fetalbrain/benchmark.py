@@ -360,7 +360,7 @@ def data_pipeline(bench: DictConfig, cfg: DictConfig, model_img_s: float) -> lis
     return results
 
 
-def preprocessing_speed(bench: DictConfig, datamodule, data_dir: Path) -> list[dict]:
+def preprocessing_speed(bench: DictConfig, datamodule, external_root: Path) -> list[dict]:
     """Milliseconds per image of the deterministic preprocessing alone (decoding excluded) for each
     ``data/harmonise`` preset, on real images of the training part and of the external normal heads, each first
     resized to every longest side in ``preprocessing.sides`` (the embedded copy's 256 px, an export's 640 px)."""
@@ -372,7 +372,7 @@ def preprocessing_speed(bench: DictConfig, datamodule, data_dir: Path) -> list[d
 
     count = bench.preprocessing.images
     sources = {"dataset": datamodule.part_images("train")[0][:count]}
-    external = sorted((data_dir / "hc18-normal-heads" / "images").glob("*.jpg"))[:count]
+    external = sorted((external_root / "images").glob("*.jpg"))[:count]  # evaluation.external.root
     if external:
         sources["external (HC18)"] = [read_grayscale(path) for path in external]
     results = []
@@ -951,11 +951,12 @@ def run(bench: DictConfig, out_dir: Path) -> dict:
     fastest = max(range(len(models)), key=lambda i: models[i]["train_img_s_lightning"])
     pipeline = data_pipeline(bench, train_config(bench, *pairs[fastest]), models[fastest]["train_img_s_lightning"])
     first = datamodules[pairs[0][1]]
-    prep = preprocessing_speed(bench, first, Path(bench.paths.data_dir)) if bench.preprocessing.enabled else []
+    evaluation = train_config(bench, *pairs[0]).evaluation
+    prep = preprocessing_speed(bench, first, Path(evaluation.external.root)) if bench.preprocessing.enabled else []
     ood = ood_score_speed(
         {f"{m['model']} {m['image_size']} px": m["feature_dim"] for m in models},
         int((first.table["part"] == "train").sum()),
-        train_config(bench, *pairs[0]).evaluation.ood.k,
+        evaluation.ood.k,
     )
     parallel = parallel_section(bench, device, bf16, out_dir, plan) if plan["jobs"] else []
     generator = benchmark_generator(bench, device, bf16) if bench.generator.enabled else None

@@ -8,6 +8,7 @@ unsure between anomalies). Bad files give a per-file error, never an exception t
 """
 
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from fetalbrain.models.gradcam import grad_cam, overlay
 from fetalbrain.models.tta import check_tta, mean_probability_logits, tta_views
 from fetalbrain.runs import SUMMARY_FILE, read_checkpoint, read_summary, run_directory
 
+log = logging.getLogger(__name__)
 ONNX_METADATA_KEY = "fetalbrain"
 NOT_ULTRASOUND = "Not a fetal brain ultrasound"
 
@@ -142,8 +144,14 @@ class Predictor:
             self.card = deployment_metadata(self.path, state, screening_rule)
             self.session, self.model = None, load_classifier(state)
         self.heatmaps = heatmaps  # an ONNX model cannot make one: each prediction says so
-        self.tta = tta if tta is not None else self.card.get("tta", "none")
-        check_tta(self.tta)
+        self.tta = check_tta(tta if tta is not None else self.card.get("tta", "none"))
+        if self.tta != self.card.get("tta", "none"):
+            log.warning(
+                "tta=%s but the run tested with model.tta=%s: its temperature and screening thresholds were fitted "
+                "on the other kind of probabilities",
+                self.tta,
+                self.card.get("tta", "none"),
+            )
         self.temperature = (self.card.get("temperature") or 1.0) if calibrated else 1.0
         # The run's preprocessing in two halves: everything but the final resize gives the view the heatmap is
         # drawn on (cropped, masked, letterboxed as the network saw it, at full resolution); then resize and

@@ -11,7 +11,7 @@ import torch
 from fetalbrain.data.harmonise import IntensityNorm, PadToSquare, RemoveOverlays, Sector, Vignette, sector_mask
 from fetalbrain.data.images import read_grayscale
 from fetalbrain.data.transforms import preprocessing
-from tests.conftest import TINY, train_config
+from tests.conftest import DATA, TINY, train_config
 
 ANATOMY = "data/harmonise=anatomy"
 
@@ -40,6 +40,19 @@ def test_sector_is_found_by_texture_and_the_fill_goes():
     assert (
         abs(cropped.shape[0] - (rows[-1] - rows[0] + 1)) <= 4 and abs(cropped.shape[1] - (cols[-1] - cols[0] + 1)) <= 4
     )
+
+
+def test_a_failed_detection_on_a_dark_real_frame_keeps_the_whole_frame():
+    """On this low-gain frame the speckle is too faint: the largest textured region is 1 % of the frame, and a crop to
+    it would show no head. Below data.harmonise.sector_min_area the whole frame is kept."""
+    dark = read_grayscale(
+        DATA / "train" / "Copy-of-encephalocele-4-32a_aug_1_png_jpg.rf.fc2f9c8e7091f5f3168757e830001e45.jpg"
+    )
+    assert sector_mask(dark, min_area=0.0).mean() < 0.05
+    assert sector_mask(dark).all()
+    assert Sector(mask=True, crop=True).apply(dark).shape == dark.shape
+    ordinary = read_grayscale(DATA.parent / "hc18-normal-heads" / "images" / "300_HC.jpg")
+    assert 0.25 < sector_mask(ordinary).mean() < 0.95  # an ordinary fan: found, and smaller than the frame
 
 
 def test_a_flat_image_keeps_everything():
@@ -81,6 +94,12 @@ def test_bad_harmonise_settings_name_the_key():
         preprocessing(32, harmonise={"intensity": "zscore"})
     with pytest.raises(ValueError, match="data.harmonise.vignette"):
         preprocessing(32, harmonise={"vignette": 3})
+    with pytest.raises(ValueError, match="data.harmonise.vignette=True"):
+        preprocessing(32, harmonise={"vignette": True})
+    with pytest.raises(ValueError, match="data.harmonise.crop_to_sector='no': true or false"):
+        preprocessing(32, harmonise={"crop_to_sector": "no"})
+    with pytest.raises(ValueError, match="data.harmonise.sector_min_area"):
+        preprocessing(32, harmonise={"sector_min_area": 1.5})
 
 
 @pytest.fixture(scope="module")

@@ -214,6 +214,7 @@ def test_predictor_applies_tta_to_the_checkpoint_and_its_onnx_export(trained_che
             "model.cutmix_alpha=1.0",
             "model.layer_decay=0.8",
             "scheduler.warmup_epochs=1",
+            "model.freeze_backbone_epochs=0",
             "model.tta=flip",
         ],
         ["model=cnn", "model.loss=logit_adjusted", "model.logit_adjustment_tau=1.0", "model.label_smoothing=0.1"],
@@ -251,3 +252,11 @@ def test_levers_compose_and_train(tmp_path, small_export, levers):
         assert any(isinstance(step, A.Illumination) for step in steps)  # conf/data/transforms/ultrasound.yaml
     else:
         assert all(t.ndim == 1 for t in seen["targets"]) and torch.equal(model.class_weights, torch.ones(16))
+
+
+def test_a_warm_up_that_ends_while_the_backbone_is_frozen_is_refused(tmp_path, small_export):
+    overrides = [*TINY, f"data.root={small_export}", "data/split=official", "model=efficientnet_lite0"]
+    with train_config(tmp_path, [*overrides, "scheduler.warmup_epochs=1", "model.freeze_backbone_epochs=1"]) as cfg:
+        _, model, _ = build(cfg)
+    with pytest.raises(ValueError, match="scheduler.warmup_epochs=1 <= model.freeze_backbone_epochs=1"):
+        model.configure_optimizers()

@@ -21,12 +21,16 @@ SECTOR_WORK_SIZE = 128  # the thumbnail's longest side for finding the sector
 INTENSITY_METHODS = ("none", "percentile", "equalise")
 
 
-def sector_mask(image: np.ndarray, min_std: float = 3.0, min_level: float = 6.0, window: int = 5) -> np.ndarray:
-    """Boolean mask of the ultrasound sector (all True when no textured region is found)."""
-    return _sector_mask(image, min_std, min_level, window).astype(bool)
+def sector_mask(
+    image: np.ndarray, min_std: float = 3.0, min_level: float = 6.0, min_area: float = 0.25, window: int = 5
+) -> np.ndarray:
+    """Boolean mask of the ultrasound sector. All True (the whole frame) when no textured region is found, or when
+    the one found covers less than ``min_area`` of the frame: on a dark, low-gain frame the speckle is too faint to
+    find the sector by, and a crop to the few bright patches would throw the head away."""
+    return _sector_mask(image, min_std, min_level, min_area, window).astype(bool)
 
 
-def _sector_mask(image: np.ndarray, min_std: float, min_level: float, window: int = 5) -> np.ndarray:
+def _sector_mask(image: np.ndarray, min_std: float, min_level: float, min_area: float, window: int = 5) -> np.ndarray:
     """``sector_mask`` as a 0/1 uint8 array: what OpenCV's masked operations take."""
     height, width = image.shape[:2]
     scale = SECTOR_WORK_SIZE / max(height, width)
@@ -47,6 +51,8 @@ def _sector_mask(image: np.ndarray, min_std: float, min_level: float, window: in
     filled = np.zeros_like(largest)
     cv2.fillConvexPoly(filled, cv2.convexHull(np.vstack(contours)), 1)
     filled = cv2.erode(filled, np.ones((window, window), np.uint8))  # the std window reached half its size beyond
+    if filled.mean() < min_area:
+        return np.ones((height, width), np.uint8)
     return cv2.resize(filled, (width, height), interpolation=cv2.INTER_NEAREST)
 
 
@@ -92,12 +98,20 @@ class RemoveOverlays(A.ImageOnlyTransform):
 class Sector(A.ImageOnlyTransform):
     """Blank everything outside the sector (``mask``) and/or crop to the sector's bounding box (``crop``)."""
 
-    def __init__(self, mask: bool = True, crop: bool = False, min_std: float = 3.0, min_level: float = 6.0, p=1.0):
+    def __init__(
+        self,
+        mask: bool = True,
+        crop: bool = False,
+        min_std: float = 3.0,
+        min_level: float = 6.0,
+        min_area: float = 0.25,
+        p: float = 1.0,
+    ):
         super().__init__(p=p)
-        self.mask, self.crop, self.min_std, self.min_level = mask, crop, min_std, min_level
+        self.mask, self.crop, self.min_std, self.min_level, self.min_area = mask, crop, min_std, min_level, min_area
 
     def apply(self, img: np.ndarray, **params) -> np.ndarray:
-        inside = _sector_mask(img, self.min_std, self.min_level)
+        inside = _sector_mask(img, self.min_std, self.min_level, self.min_area)
         if self.crop:
             x, y, w, h = cv2.boundingRect(inside)
             img, inside = img[y : y + h, x : x + w], inside[y : y + h, x : x + w]
@@ -106,7 +120,7 @@ class Sector(A.ImageOnlyTransform):
         return np.ascontiguousarray(img)
 
     def get_transform_init_args_names(self):
-        return ("mask", "crop", "min_std", "min_level")
+        return ("mask", "crop", "min_std", "min_level", "min_area")
 
 
 class Vignette(A.ImageOnlyTransform):
@@ -190,6 +204,19 @@ def harmonise_steps(options: dict | None) -> tuple[list, list]:
             f"data.harmonise: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(HARMONISE_DEFAULTS)}"
         )
     o = {**HARMONISE_DEFAULTS, **options}
+    for key in ("remove_overlays", "mask_outside_sector", "crop_to_sector", "letterbox"):
+        if not isinstance(o[key], bool):
+            raise ValueError(f"data.harmonise.{key}={o[key]!r}: true or false")
+    for key in ("sector_min_std", "sector_min_level"):
+        if isinstance(o[key], bool) or not isinstance(o[key], (int, float)) or o[key] < 0:
+            raise ValueError(f"data.harmonise.{key}={o[key]!r}: a number, 0 or more")
+    area = o["sector_min_area"]
+    if isinstance(area, bool) or not isinstance(area, (int, float)) or not 0 <= area < 1:
+        raise ValueError(f"data.harmonise.sector_min_area={area!r}: a fraction of the frame in [0, 1)")
+    if isinstance(o["vignette"], bool) or not (o["vignette"] is None or isinstance(o["vignette"], (int, float))):
+        raise ValueError(
+            f"data.harmonise.vignette={o['vignette']!r}: a fraction of the image in (0, 1.5], or null (off)"
+        )
     if o["intensity"] not in INTENSITY_METHODS:
         raise ValueError(f"data.harmonise.intensity={o['intensity']!r}: choose one of {', '.join(INTENSITY_METHODS)}")
     content = []
@@ -197,7 +224,13 @@ def harmonise_steps(options: dict | None) -> tuple[list, list]:
         content.append(RemoveOverlays(o["overlay_level"], o["overlay_max_area"]))
     if o["mask_outside_sector"] or o["crop_to_sector"]:
         content.append(
-            Sector(o["mask_outside_sector"], o["crop_to_sector"], o["sector_min_std"], o["sector_min_level"])
+            Sector(
+                o["mask_outside_sector"],
+                o["crop_to_sector"],
+                o["sector_min_std"],
+                o["sector_min_level"],
+                o["sector_min_area"],
+            )
         )
     if o["vignette"]:
         content.append(Vignette(o["vignette"]))
@@ -230,6 +263,7 @@ HARMONISE_DEFAULTS = {
     "crop_to_sector": False,
     "sector_min_std": 3.0,
     "sector_min_level": 6.0,
+    "sector_min_area": 0.25,
     "vignette": None,
     "intensity": "none",
     "letterbox": False,

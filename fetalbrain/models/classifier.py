@@ -231,7 +231,9 @@ class Classifier(L.LightningModule):
         mixed, mixed_targets = self._mix(images, targets)
         logits = self(mixed)
         loss = self._loss(logits, mixed_targets)
-        self.train_accuracy(logits, targets)  # against each image's own class (the larger part of a mix)
+        # Against the larger part of each (mixed) target: lambda ~ Beta(a, a) is symmetric, so under mixup an image's
+        # own class is the smaller part half the time.
+        self.train_accuracy(logits, mixed_targets.argmax(dim=1) if mixed_targets.ndim == 2 else targets)
         self.log(
             "train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(targets), sync_dist=True
         )
@@ -320,6 +322,14 @@ class Classifier(L.LightningModule):
         optimizer = self.optimizer_factory(params=self.parameter_groups())
         if self.scheduler_factory is None:
             return optimizer
+        warmup = getattr(self.scheduler_factory, "keywords", {}).get("warmup_epochs", 0)
+        freeze = self.hparams.freeze_backbone_epochs if self.backbone_is_pretrained else 0
+        if 0 < warmup <= freeze:
+            raise ValueError(
+                f"scheduler.warmup_epochs={warmup} <= model.freeze_backbone_epochs={freeze}: the warm-up would end "
+                "while the backbone is frozen, and the backbone would then start at the full learning rate; set "
+                "warmup_epochs above freeze_backbone_epochs, or model.freeze_backbone_epochs=0"
+            )
         scheduler = self.scheduler_factory(optimizer=optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "val/loss"}}
 
