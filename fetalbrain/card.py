@@ -63,7 +63,7 @@ EXTERNAL = {
     "external/fraction_predicted_normal": "normal heads from another hospital predicted normal (argmax)",
     "external/test_normal_specificity": "this run's test normals called normal (screening threshold)",
 }
-SOURCE_BOUND = "the normal-vs-abnormal decision follows the acquisition source"
+SOURCE_BOUND = "the normal-vs-abnormal decision may follow the acquisition source"
 
 
 # ---- building the card ---------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ NOT_A_SETTING = re.compile(
 EXTERNAL_NOTE = (
     "External normals: normal heads from another hospital (evaluation.external), never trained on, called normal "
     "at each run's screening threshold (specificity) or by its top class; far below the test part's specificity, "
-    "the normal-vs-abnormal decision follows the acquisition source; – where runs had no external check."
+    "the normal-vs-abnormal decision may follow the acquisition source; – where runs had no external check."
 )
 
 
@@ -324,6 +324,8 @@ def compare(
     listing = runs.drop(columns=["overrides"]).assign(run=[str(Path(r).relative_to(base)) for r in runs["run"]])
     listing.to_csv(out / "runs.csv", index=False)  # paths relative to the runs' common folder (or W&B project)
     table = markdown_table(summary, pooled)
+    external = summary[summary["metric"] == "external/normal_specificity"]
+    external_checked = bool((external["n"] > 0).any())
     pooled_note = (
         "pooled OOF = all test predictions of a group pooled."
         if from_folders
@@ -332,7 +334,7 @@ def compare(
     )
     (out / "comparison.md").write_text(
         f"# Comparison of {len(runs)} runs\n\nSource: {source}. mean ± std [95% t-interval] over runs; "
-        f"{pooled_note} {EXTERNAL_NOTE}\n\n" + table + "\n"
+        f"{pooled_note}{' ' + EXTERNAL_NOTE if external_checked else ''}\n\n" + table + "\n"
     )
     comparison_figure(summary, out / "comparison.png")
     if wandb_mode:

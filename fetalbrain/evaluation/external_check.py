@@ -310,7 +310,8 @@ def external_report(
         notes.append(
             f"only {specificity:.0%} of {len(table)} normal heads from another hospital ({options.name}) are called "
             f"normal at the {options.rule} threshold (the test part's normals: {test_text}): the model's "
-            "normal-vs-abnormal decision follows the acquisition source, not the anatomy"
+            "normal-vs-abnormal decision may follow the acquisition source rather than the anatomy (or these heads "
+            "differ in plane or gestational age from the training normals)"
         )
     log.info(
         "External normals (%s): specificity %s, %.3f predicted normal, %d images of %d subjects (%.1f s)",
@@ -349,5 +350,5 @@ def describe_external(
     if test is not None and np.isfinite(test):
         text += f"; this run's own test normals: {test:.0%}"
     if specificity < warn_below:
-        text += ". ⚠️ Its normal-vs-abnormal decision follows the acquisition source, not the anatomy"
+        text += ". ⚠️ Its normal-vs-abnormal decision may follow the acquisition source rather than the anatomy"
     return text
