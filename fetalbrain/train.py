@@ -27,7 +27,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from fetalbrain import distributed
 from fetalbrain.card import write_model_card
-from fetalbrain.evaluation import external_check, ood
+from fetalbrain.evaluation import baselines, external_check, ood
+from fetalbrain.evaluation.hierarchy import check_groups
 from fetalbrain.evaluation.screening import screening_rules
 from fetalbrain.resume import ReproducibleEpochs, resume_config
 from fetalbrain.runs import CONFIG_FILE, LAST_CHECKPOINT, SUMMARY_FILE, read_summary, run_summary, write_json
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 
 
 def check_evaluation(cfg: DictConfig) -> None:
-    """Refuse bad ``evaluation.ood`` and ``evaluation.external`` settings by key, before anything is built or
+    """Refuse bad ``evaluation.ood``, ``external``, ``nearest_neighbour`` and ``hierarchy`` settings by key, before anything is built or
     trained: the report reads them only after training, where a typo would cost the whole run and then give only
     a note. Classification runs only (a generator writes no such report); a section the config lacks (a resumed
     run from before it existed) or has switched off is not read, so it is not checked."""
@@ -49,6 +50,11 @@ def check_evaluation(cfg: DictConfig) -> None:
         ood.check_options(ood_options)
     if external is not None and external.get("enabled"):
         external_check.check_options(external, screening_rules(evaluation.screening_min_sensitivity))
+    nearest, hierarchy = evaluation.get("nearest_neighbour"), evaluation.get("hierarchy")
+    if nearest is not None and nearest.get("enabled"):
+        baselines.check_options(nearest)
+    if hierarchy is not None and hierarchy.get("enabled"):
+        check_groups(hierarchy.get("groups"), None)  # their shape now; their classes once the data are read
 
 
 def instantiate_group(group: DictConfig | None, **defaults) -> list:

@@ -108,7 +108,13 @@ def test_a_bad_value_fails_at_build_time_naming_the_option(tmp_path):
 
 @pytest.mark.parametrize(
     "override",
-    ["evaluation.ood.method=foo", "evaluation.external.rule=foo", "evaluation.external.bootstrap.confidence=95"],
+    [
+        "evaluation.ood.method=foo",
+        "evaluation.external.rule=foo",
+        "evaluation.external.bootstrap.confidence=95",
+        "evaluation.nearest_neighbour.distance=foo",
+        "evaluation.hierarchy.groups.ventriculomegaly=[a]",
+    ],
 )
 def test_bad_evaluation_settings_fail_before_anything_is_built(tmp_path, monkeypatch, override):
     """The report reads evaluation.ood and evaluation.external after training; train() refuses them at once."""

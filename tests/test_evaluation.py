@@ -91,3 +91,108 @@ def test_per_class_table_marks_absent_classes():
     assert list(table["support"]) == [2, 2, 0]
     assert table.loc[0, "recall"] == 1.0 and np.isnan(table.loc[2, "auroc"])
     assert table.loc[2, "name"] == "Normal"
+
+
+def textured(seed: int, size: int = 48) -> np.ndarray:
+    """A smooth random image: its turned and mirrored copies are far from it in pixel space."""
+    import cv2
+
+    noise = np.random.default_rng(seed).integers(0, 255, (8, 8)).astype(np.uint8)
+    return cv2.resize(noise, (size, size), interpolation=cv2.INTER_CUBIC)
+
+
+def test_nearest_neighbour_baseline_finds_copies_and_counts_the_shared_sources(tmp_path):
+    import pandas as pd
+    from omegaconf import OmegaConf
+
+    from fetalbrain.evaluation.baselines import CSV_FILE, nearest_neighbour_report
+
+    classes = ["a", "b", "normal"]
+    sources = [textured(seed) for seed in range(6)]
+    train = (sources, np.array([0, 0, 1, 1, 2, 2]))
+    table = pd.DataFrame({"path": [f"s{i}.jpg" for i in range(6)], "source": [f"s{i}" for i in range(6)]})
+    table["case"] = table["source"]
+    # test: noisy copies of sources 0, 2, 4 (same source), and source 5 turned by 90 degrees
+    noisy = [
+        np.clip(sources[i].astype(int) + RNG.integers(-8, 9, sources[i].shape), 0, 255).astype(np.uint8)
+        for i in (0, 2, 4)
+    ]
+    test_images = [*noisy, np.rot90(sources[5]).copy()]
+    test = (test_images, np.array([0, 1, 2, 2]))
+    test_table = pd.DataFrame({"path": ["t0", "t1", "t2", "t3"], "source": ["s0", "s2", "s4", "s5"]})
+    test_table["case"] = test_table["source"]
+    options = OmegaConf.create({"size": 16, "distance": "euclidean", "dihedral": False})
+    metrics, notes = nearest_neighbour_report(train, test, classes, options, (table, test_table), tmp_path)
+    frame = pd.read_csv(tmp_path / CSV_FILE)
+    assert not notes and list(frame["nearest_train_path"][:3]) == ["s0.jpg", "s2.jpg", "s4.jpg"]
+    assert metrics["baseline/nn1_test_same_source"] == pytest.approx(3 / 4) == frame["same_source"].mean()
+    assert metrics["baseline/nn1_test_accuracy"] == pytest.approx((frame["true"] == frame["predicted"]).mean())
+    turned = nearest_neighbour_report(
+        train, test, classes, OmegaConf.merge(options, {"dihedral": True}), (table, test_table)
+    )
+    assert turned[0]["baseline/nn1_test_same_source"] == 1.0 and turned[0]["baseline/nn1_test_accuracy"] == 1.0
+    cosine = nearest_neighbour_report(train, test, classes, OmegaConf.merge(options, {"distance": "cosine"}))[0]
+    assert cosine["baseline/nn1_test_f1_macro"] <= 1.0 and "baseline/nn1_test_same_source" not in cosine
+    with pytest.raises(ValueError, match="evaluation.nearest_neighbour.distance='manhattan'"):
+        nearest_neighbour_report(train, test, classes, OmegaConf.merge(options, {"distance": "manhattan"}))
+
+
+def test_label_scores_are_the_stage_metrics_of_the_argmax():
+    import torch
+
+    from fetalbrain.evaluation.metrics import classification_metrics, label_scores
+
+    probs, targets = calibrated_sample(300, classes=5)
+    targets[targets == 4] = 0  # a class only ever predicted, never true: counted as the stage metrics count it
+    stage = classification_metrics(5)(torch.as_tensor(probs), torch.as_tensor(targets))
+    scores = label_scores(probs.argmax(axis=1), targets, 5)
+    assert scores == pytest.approx({k: float(stage[k]) for k in scores}, abs=1e-6)
+
+
+HIERARCHY_CLASSES = ["arachnoid-cyst", "mild-ventriculomegaly", "moderate-ventriculomegaly", "normal"]
+VENTRICULOMEGALY = {"ventriculomegaly": ["mild-ventriculomegaly", "moderate-ventriculomegaly"]}
+
+
+def test_hierarchy_merges_a_group_and_grades_within_it(tmp_path):
+    import pandas as pd
+
+    from fetalbrain.evaluation.hierarchy import CSV_FILE, hierarchy_report
+
+    probs = np.array(
+        [  # true class: decided by argmax (by the group's columns alone for the grade)
+            [0.1, 0.2, 0.6, 0.1],  # mild: called moderate (grade wrong, group right); among the group moderate
+            [0.1, 0.5, 0.3, 0.1],  # mild: right
+            [0.6, 0.1, 0.2, 0.1],  # moderate: called a cyst (group missed); among the group moderate (grade right)
+            [0.2, 0.1, 0.1, 0.6],  # cyst: called normal (abnormal missed); among anomalies a cyst
+            [0.1, 0.1, 0.1, 0.7],  # normal: right
+            [0.1, 0.6, 0.1, 0.2],  # normal: called mild (false alarm)
+        ]
+    )
+    targets = np.array([1, 1, 2, 0, 3, 3])
+    metrics, notes = hierarchy_report(probs, targets, HIERARCHY_CLASSES, VENTRICULOMEGALY, tmp_path)
+    assert not notes
+    assert metrics["hierarchy/abnormal_test_accuracy"] == pytest.approx(4 / 6)
+    assert metrics["hierarchy/abnormal_test_sensitivity"] == pytest.approx(3 / 4)
+    assert metrics["hierarchy/abnormal_test_specificity"] == pytest.approx(1 / 2)
+    assert metrics["hierarchy/anomaly_test_accuracy"] == pytest.approx(2 / 4)  # argmax among the 3 anomalies
+    assert metrics["hierarchy/ventriculomegaly_test_recall"] == pytest.approx(2 / 3)
+    assert metrics["hierarchy/ventriculomegaly_grade_test_accuracy"] == pytest.approx(2 / 3)
+    assert metrics["hierarchy/ventriculomegaly_merged_test_accuracy"] == pytest.approx(3 / 6)  # grades apart: 2 / 6
+    table = pd.read_csv(tmp_path / CSV_FILE).set_index("view")
+    assert table.loc["all classes", "accuracy"] == pytest.approx(2 / 6)
+    assert table.loc["ventriculomegaly grade", "images"] == 3 and table.loc["abnormal", "classes"] == 2
+
+
+def test_hierarchy_groups_are_checked_against_the_run_classes():
+    from fetalbrain.evaluation.hierarchy import check_groups, hierarchy_report
+
+    with pytest.raises(
+        ValueError, match=r"evaluation.hierarchy.groups.ventriculomegaly: 'severe-ventricolomegaly' not"
+    ):
+        check_groups({"ventriculomegaly": ["mild-ventriculomegaly", "severe-ventricolomegaly"]}, HIERARCHY_CLASSES)
+    with pytest.raises(ValueError, match="evaluation.hierarchy.groups.cyst.*at least two"):
+        check_groups({"cyst": ["arachnoid-cyst"]}, HIERARCHY_CLASSES)
+    probs = np.eye(4)[[0, 3]]  # no ventriculomegaly image in test: the grade view is left out, with a note
+    metrics, notes = hierarchy_report(probs, np.array([0, 3]), HIERARCHY_CLASSES, VENTRICULOMEGALY)
+    assert "hierarchy/ventriculomegaly_merged_test_accuracy" in metrics
+    assert "hierarchy/ventriculomegaly_grade_test_accuracy" not in metrics and "no grade view" in notes[0]

@@ -1,14 +1,17 @@
 """Every classification metric, named once: how it is computed, how it is labelled, where it shows.
 
 A stage metric (one torchmetrics object per stage) is logged as ``val/<name>`` and ``test/<name>``;
-a report metric is computed by the test report (calibration, screening). ``compare`` tables the
-``compared`` ones and the GUI's model card shows the ``shown`` ones, so a new metric is one entry here.
+a report metric is computed by the test report (calibration, screening, baselines, hierarchy). ``compare``
+tables the ``compared`` ones and the GUI's model card shows the ``shown`` ones, so a new metric is one entry
+here. ``label_scores`` applies the stage definitions to hard decisions made elsewhere (a baseline, a coarser
+view of the model's decisions), so that their numbers read exactly like ``test/...``.
 """
 
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import (
@@ -92,9 +95,35 @@ CLASSIFICATION_METRICS = (
     # on, called normal at the run's screening threshold / by argmax. Low values: "normal" follows the source.
     MetricSpec("external/normal_specificity", "external normals: specificity", shown=True),
     MetricSpec("external/fraction_predicted_normal", "external normals: predicted normal", shown=True),
+    # beside every model, on the same split (evaluation/baselines.py): each test image labelled as its nearest
+    # training image in pixel space. High on a split that leaks: that much of a score needs no learning.
+    MetricSpec("baseline/nn1_test_accuracy", "1-NN pixels: accuracy"),
+    MetricSpec("baseline/nn1_test_f1_macro", "1-NN pixels: macro F1"),
+    MetricSpec("baseline/nn1_test_balanced_accuracy", "1-NN pixels: balanced accuracy", compared=False),
+    MetricSpec("baseline/nn1_test_same_source", "1-NN pixels: nearest is a copy"),
+    MetricSpec("baseline/nn1_test_same_case", "1-NN pixels: nearest is the same case", compared=False),
+    # coarser views of the model's own decisions (evaluation/hierarchy.py); per class group G also
+    # hierarchy/G_merged_test_{accuracy,f1_macro}, hierarchy/G_test_recall, hierarchy/G_grade_test_{accuracy,f1_macro}
+    MetricSpec("hierarchy/abnormal_test_accuracy", "normal vs abnormal: accuracy"),
+    MetricSpec("hierarchy/abnormal_test_sensitivity", "normal vs abnormal: sensitivity", compared=False),
+    MetricSpec("hierarchy/abnormal_test_specificity", "normal vs abnormal: specificity", compared=False),
+    MetricSpec("hierarchy/anomaly_test_accuracy", "anomaly if abnormal: accuracy", compared=False),
+    MetricSpec("hierarchy/anomaly_test_f1_macro", "anomaly if abnormal: macro F1"),
 )
 COMPARED = {m.key: m.label for m in CLASSIFICATION_METRICS if m.compared}
 SHOWN = tuple(m.key for m in CLASSIFICATION_METRICS if m.shown)
+
+
+LABEL_SCORES = ("accuracy", "balanced_accuracy", "f1_macro")  # the stage metrics that need only hard decisions
+
+
+def label_scores(predicted: np.ndarray, targets: np.ndarray, num_classes: int) -> dict[str, float]:
+    """Accuracy, balanced accuracy and macro F1 of hard decisions by the stage metrics' own definitions (macro F1
+    over the classes that occur in targets or decisions, as ``test/f1_macro``); NaN for no images."""
+    if len(targets) == 0:
+        return {name: float("nan") for name in LABEL_SCORES}
+    predicted, targets = torch.as_tensor(np.asarray(predicted)), torch.as_tensor(np.asarray(targets))
+    return {name: float(STAGE_METRICS[name][1](num_classes)(predicted, targets)) for name in LABEL_SCORES}
 
 
 def classification_metrics(num_classes: int) -> MetricCollection:

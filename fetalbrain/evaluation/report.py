@@ -4,9 +4,11 @@ Files: per_class.csv, confusion_matrix.png (counts), confusion_matrix_normalised
 screening_roc.png, reliability.png,
 predictions.csv, and with ``evaluation.ood.enabled`` the out-of-distribution detector ood_detector.pt
 with ood_scores.png and ood_scores.csv, and with ``evaluation.external.enabled`` the external normal check's
-external_normals.csv and external_normals.png. Metrics (stable names): ``test/ece``, ``test/nll``,
-``calibration/temperature``, ``test/ece_temperature_scaled``, ``test/nll_temperature_scaled``,
-``screening/...``, ``shortcut/...``, ``ood/...`` and ``external/...`` (see their modules).
+external_normals.csv and external_normals.png, with ``evaluation.nearest_neighbour.enabled`` the 1-NN
+baseline's nearest_neighbour.csv, with ``evaluation.hierarchy.enabled`` hierarchy.csv. Metrics (stable names):
+``test/ece``, ``test/nll``, ``calibration/temperature``, ``test/ece_temperature_scaled``,
+``test/nll_temperature_scaled``, ``screening/...``, ``shortcut/...``, ``ood/...``, ``external/...``,
+``baseline/...`` and ``hierarchy/...`` (see their modules).
 """
 
 import logging
@@ -19,8 +21,9 @@ import pandas as pd
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, roc_auc_score
 
 from fetalbrain.data.classes import NORMAL_CLASS, display_name
-from fetalbrain.evaluation import calibration, plots
+from fetalbrain.evaluation import baselines, calibration, plots
 from fetalbrain.evaluation.external_check import external_report
+from fetalbrain.evaluation.hierarchy import check_groups, hierarchy_report
 from fetalbrain.evaluation.ood import DETECTOR_FILE, ood_report
 from fetalbrain.evaluation.screening import abnormal_scores, both_classes, screening_metrics
 from fetalbrain.evaluation.shortcut import shortcut_metrics
@@ -147,11 +150,21 @@ def write_test_report(
     return metrics, notes
 
 
+def check_options(options, class_names: list[str]) -> None:
+    """Refuse bad ``evaluation.nearest_neighbour`` / ``evaluation.hierarchy`` settings by key (the groups' class
+    names against the run's classes). Cheap: call it as soon as the classes are known, not only after fit."""
+    if (options.get("nearest_neighbour") or {}).get("enabled"):
+        baselines.check_options(options.nearest_neighbour)
+    if (options.get("hierarchy") or {}).get("enabled"):
+        check_groups(options.hierarchy.get("groups"), class_names)
+
+
 def classification_report(model, trainer, datamodule, run_dir: Path, options) -> Report:
     """Test the best checkpoint (the last weights if there is none) and write the test report.
 
     The test metrics land in ``trainer.callback_metrics``; the report returns the ones it adds. Under DDP
     every rank tests its share, the classifier gathers the whole test set, and rank 0 alone writes."""
+    check_options(options, datamodule.class_names)
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     if not best:
         log.warning("No best checkpoint (no checkpoint callback or no validation): testing the last weights")
@@ -165,6 +178,10 @@ def classification_report(model, trainer, datamodule, run_dir: Path, options) ->
     test = Predictions(model.test_results["probs"].numpy(), model.test_results["targets"].numpy())
     test.paths = list(datamodule.part_table("test")["path"])[: len(test.targets)]
     val = Predictions(*(t.numpy() for t in model.predict_proba(datamodule.val_dataloader())))
+    nearest, hierarchy = options.get("nearest_neighbour"), options.get("hierarchy")
+    pixels = {}  # the preprocessed train and test images, made once for the shortcut check and the 1-NN baseline
+    if options.shortcut_check or (nearest is not None and nearest.enabled):
+        pixels = {part: datamodule.preprocessed_images(part) for part in ("train", "test")}
     report_metrics, notes = write_test_report(
         run_dir,
         val,
@@ -174,10 +191,30 @@ def classification_report(model, trainer, datamodule, run_dir: Path, options) ->
         calibration_bins=options.calibration_bins,
         temperature_scaling=options.temperature_scaling,
         min_sensitivity=options.screening_min_sensitivity,
-        shortcut_data=(datamodule.preprocessed_images("train"), datamodule.preprocessed_images("test"))
-        if options.shortcut_check
-        else None,
+        shortcut_data=(pixels["train"], pixels["test"]) if options.shortcut_check else None,
     )
+    if nearest is None:  # the config of a run from before the baseline existed
+        notes.append("no evaluation.nearest_neighbour in this run's config: no 1-NN baseline")
+    elif nearest.enabled:  # the same test images as the model's report (a limited test covers the first rows)
+        images, targets = pixels["test"]
+        nn_metrics, nn_notes = baselines.nearest_neighbour_report(
+            pixels["train"],
+            (images[: len(test.targets)], targets[: len(test.targets)]),
+            datamodule.class_names,
+            nearest,
+            (datamodule.part_table("train"), datamodule.part_table("test")),
+            run_dir,
+        )
+        report_metrics.update(nn_metrics)
+        notes += nn_notes
+    if hierarchy is None:  # the config of a run from before the hierarchical view existed
+        notes.append("no evaluation.hierarchy in this run's config: no hierarchical view")
+    elif hierarchy.enabled:
+        view_metrics, view_notes = hierarchy_report(
+            test.probs, test.targets, datamodule.class_names, hierarchy.get("groups"), run_dir
+        )
+        report_metrics.update(view_metrics)
+        notes += view_notes
     figures = {f"test/{name}": run_dir / f"{name}.png" for name in FIGURES if (run_dir / f"{name}.png").is_file()}
     ood = options.get("ood")
     if ood is None:  # the config of a run from before the detector existed (a resumed run keeps its config)
