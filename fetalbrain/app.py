@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fetalbrain.data.classes import display_name
 from fetalbrain.data.harmonise import describe_harmonise
+from fetalbrain.ensemble import Ensemble, load_model, model_paths
 from fetalbrain.evaluation.external_check import DEFAULT_WARN_BELOW, PREFIX, describe_external
 from fetalbrain.inference import NOT_ULTRASOUND, Prediction, Predictor
 from fetalbrain.predict import predictions_frame
@@ -37,40 +38,57 @@ CLASSIFIER_COLUMNS = ["confidence", "abnormal_probability", "screening_positive"
 class Models:
     """Predictors by checkpoint, loaded once and shared by all requests."""
 
-    def __init__(self, cfg: DictConfig, choices: dict[str, Path]):
+    def __init__(self, cfg: DictConfig, choices: dict[str, Path | list[Path]]):
         self.cfg, self.choices, self._loaded, self._lock = cfg, choices, {}, threading.Lock()
 
-    def get(self, label: str) -> Predictor:
+    def get(self, label: str) -> Predictor | Ensemble:
         if label not in self.choices:
             raise gr.Error(f"Unknown model {label!r}")
         with self._lock:
             if label not in self._loaded:
-                self._loaded[label] = Predictor(
+                self._loaded[label] = load_model(
                     self.choices[label],
-                    self.cfg.min_confidence,
-                    self.cfg.calibrated,
+                    min_confidence=self.cfg.min_confidence,
+                    calibrated=self.cfg.calibrated,
                     screening_rule=self.cfg.screening_rule,
                     verify=self.cfg.verify,
                 )
             return self._loaded[label]
 
 
-def model_choices(cfg: DictConfig) -> dict[str, Path]:
+def model_choices(cfg: DictConfig) -> dict[str, Path | list[Path]]:
+    """Label -> checkpoint(s): ``ckpt`` as given (one model or one ensemble), or every finished run under
+    ``paths.log_dir`` (newest first) and, for each sweep (a Hydra multirun folder) of two or more runs, the
+    ensemble of its runs (e.g. the fold models of a cross-validation)."""
     if cfg.ckpt:
-        checkpoint = Path(cfg.ckpt)
-        if not checkpoint.is_file():
-            raise FileNotFoundError(f"ckpt={cfg.ckpt}: no such file")
-        return {f"{checkpoint.parent.parent.name} ({checkpoint.name})": checkpoint}
+        paths = model_paths(cfg.ckpt)
+        if len(paths) == 1:
+            return {f"{paths[0].parent.parent.name} ({paths[0].name})": paths[0]}
+        return {f"ensemble of {len(paths)} · {', '.join(p.parent.parent.name for p in paths)}": paths}
     runs = available_runs(Path(cfg.paths.log_dir))
     if not runs:
         raise FileNotFoundError(f"no trained run under {cfg.paths.log_dir}: train one (make train) or pass ckpt=PATH")
-    return {f"{r['model']} · {r['run_dir'].parent.name}/{r['run_dir'].name}": r["checkpoint"] for r in runs}
+    choices: dict[str, Path | list[Path]] = {}
+    sweeps: dict[Path, list[dict]] = {}
+    for r in runs:
+        choices[f"{r['model']} · {r['run_dir'].parent.name}/{r['run_dir'].name}"] = r["checkpoint"]
+        if (r["run_dir"].parent / "multirun.yaml").is_file():
+            sweeps.setdefault(r["run_dir"].parent, []).append(r)
+    for sweep, members in sweeps.items():
+        if len(members) >= 2:
+            models = ", ".join(sorted({m["model"] for m in members}))
+            label = f"ensemble of {len(members)} ({models}) · {sweep.parent.name}/{sweep.name}"
+            choices[label] = sorted(m["checkpoint"] for m in members)
+    return choices
 
 
-def external_check(predictor: Predictor, screening_rule: str) -> str:
+def external_check(predictor: Predictor | Ensemble, screening_rule: str) -> str:
     """The run's external normal check at the GUI's screening rule, from the checkpoint's run folder (metrics.json,
-    config.yaml); an ONNX export carries only the card's shown metrics (the check at the run's own rule)."""
+    config.yaml); an ONNX export carries only the card's shown metrics (the check at the run's own rule), an
+    ensemble the mean of its members' shown metrics."""
     metrics = predictor.card.get("test_metrics") or {}
+    if isinstance(predictor, Ensemble):
+        return describe_external(metrics, screening_rule) + " (the mean of the members' checks)"
     if predictor.model is None:  # ONNX: its card is all there is
         return describe_external(metrics, screening_rule)
     run_dir, options = run_directory(predictor.path), {}
@@ -83,19 +101,28 @@ def external_check(predictor: Predictor, screening_rule: str) -> str:
     )
 
 
-def describe(predictor: Predictor, screening_rule: str = "youden") -> str:
+def describe(predictor: Predictor | Ensemble, screening_rule: str = "youden") -> str:
     card = predictor.card
     metrics = {k: v for k, v in (card.get("test_metrics") or {}).items() if not k.startswith(PREFIX)}
-    lines = [
-        f"**Model** `{card['name']}` · run `{card['run']}` · checkpoint `{card['checkpoint']}` · "
-        f"input {card['preprocessing']['image_size']} px · checkpoint integrity: {predictor.integrity}",
+    if isinstance(predictor, Ensemble):
+        lines = [
+            f"**Model** `{card['name']}`: the mean of the members' calibrated probabilities · runs `{card['run']}` · "
+            f"input {card['preprocessing']['image_size']} px (first member) · checkpoint integrity: "
+            f"{predictor.integrity}"
+        ]
+        what = "Test metrics: the mean of the members' (each on its own test part)"
+    else:
+        lines = [
+            f"**Model** `{card['name']}` · run `{card['run']}` · checkpoint `{card['checkpoint']}` · "
+            f"input {card['preprocessing']['image_size']} px · checkpoint integrity: {predictor.integrity}"
+        ]
+        what = "Test metrics of this run"
+    lines.append(
         f"**Preprocessing** (as in training; the heatmap is drawn on the image as the model saw it): "
-        f"{describe_harmonise(card['preprocessing'].get('harmonise'))}",
-    ]
+        f"{describe_harmonise(card['preprocessing'].get('harmonise'))}"
+    )
     if metrics:
-        lines.append(
-            "**Test metrics of this run:** " + ", ".join(f"{k.split('/', 1)[1]} {v:.3f}" for k, v in metrics.items())
-        )
+        lines.append(f"**{what}:** " + ", ".join(f"{k.split('/', 1)[1]} {v:.3f}" for k, v in metrics.items()))
     if card.get("screening_threshold") is not None:
         lines.append(
             f"**Screening threshold** (abnormal probability, chosen on validation): {card['screening_threshold']:.3f}"
@@ -157,7 +184,7 @@ def results_table(predictions: list[Prediction]):
     return table[TABLE_COLUMNS + OOD_COLUMNS]
 
 
-def respond(predictor: Predictor, paths: list[str]) -> tuple:
+def respond(predictor: Predictor | Ensemble, paths: list[str]) -> tuple:
     """The page's outputs for uploaded files: summary, first image's scores and heatmap, gallery, table."""
     predictions = predictor.predict_files(paths)
     good = [p for p in predictions if not p.error]

@@ -1,5 +1,9 @@
 """Evaluate a checkpoint on any dataset: ``python -m fetalbrain.evaluate [ckpt=CKPT_OR_RUN] data.root=DIR``.
 
+``ckpt`` may also name several runs (a list, or a folder of runs such as a cross-validation sweep): they are
+evaluated as one ensemble (fetalbrain/ensemble.py), the mean of their calibrated probabilities, screened at
+the mean of their thresholds.
+
 The same report as a training run's test, on data in any supported layout (Roboflow CSV export, folder
 per class, loose unlabelled images), scored with the run's own validation-chosen screening thresholds and
 temperature (read from its metrics.json, never fitted again here). Images go through ``Predictor``, the
@@ -25,17 +29,16 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from fetalbrain.data.classes import display_name
 from fetalbrain.data.images import ImageReadError, read_image
 from fetalbrain.data.readers import DatasetError
-from fetalbrain.evaluation.calibration import softmax
+from fetalbrain.ensemble import Ensemble, model_paths
 from fetalbrain.evaluation.external import (
     EvaluationData,
     OODScores,
     markdown_report,
     read_evaluation_data,
-    resolve_checkpoint,
     run_choices,
     write_evaluation_report,
 )
-from fetalbrain.inference import Predictor
+from fetalbrain.inference import BatchScores, Predictor
 from fetalbrain.runs import SUMMARY_FILE, latest_checkpoint, write_json
 
 log = logging.getLogger(__name__)
@@ -50,22 +53,15 @@ def _bad_image(entry: dict, on_bad_image: str, skipped: list[dict]) -> None:
 
 
 def predict_outputs(
-    predictor: Predictor, paths: list[str], batch_size: int, on_bad_image: str
-) -> tuple[np.ndarray, np.ndarray | None, list[int], list[dict]]:
-    """Logits of every readable image (the predictor's preprocessing), their OOD scores (None without the run's
-    detector), the indices read, the files skipped. One forward pass per image: with a detector, the features
-    it scores come out of the pass that gives the logits (``Predictor.features``)."""
-    detector = predictor.ood_detector
-    logits, scores, kept, skipped, batch, batch_index = [], [], [], [], [], []
+    predictor: "Predictor | Ensemble", paths: list[str], batch_size: int, on_bad_image: str
+) -> tuple[BatchScores, list[int], list[dict]]:
+    """The model's scores of every readable image (its own preprocessing; probabilities, an ensemble's
+    screening score, OOD scores from the same forward pass), the indices read, the files skipped."""
+    parts, kept, skipped, batch, batch_index = [], [], [], [], []
 
     def flush() -> None:
         if batch:
-            if detector is not None:
-                features, batch_logits = predictor.features(torch.cat(batch))
-                scores.append(detector.score(features))
-            else:
-                batch_logits = predictor.logits(torch.cat(batch))
-            logits.append(batch_logits)
+            parts.append(predictor.batch_scores(batch))
             kept.extend(batch_index)
             batch.clear()
             batch_index.clear()
@@ -76,14 +72,19 @@ def predict_outputs(
         except ImageReadError as error:
             _bad_image({"path": path, "error": str(error)}, on_bad_image, skipped)
             continue
-        batch.append(predictor.tensor(gray))
+        batch.append(gray)
         batch_index.append(index)
         if len(batch) == batch_size:
             flush()
     flush()
     if not kept:
         raise DatasetError(f"none of the {len(paths)} images could be read: {skipped[0]['error']}")
-    return np.concatenate(logits), np.concatenate(scores) if detector is not None else None, kept, skipped
+
+    def joined(name: str) -> np.ndarray | None:
+        values = [getattr(p, name) for p in parts]
+        return None if values[0] is None else np.concatenate(values)
+
+    return BatchScores(joined("probs"), joined("abnormal"), joined("ood")), kept, skipped
 
 
 def _parts(split) -> list[str] | None:
@@ -113,21 +114,24 @@ def evaluate(cfg: DictConfig, out_dir: Path | None = None) -> dict:
     """Evaluate, write the report into ``out_dir`` (default ``cfg.out``) and return the metrics.json summary."""
     started = time.perf_counter()
     _check_config(cfg)
-    checkpoint = resolve_checkpoint(cfg.ckpt) if cfg.ckpt else latest_checkpoint(Path(cfg.paths.log_dir))
-    predictor = Predictor(checkpoint, calibrated=False, heatmaps=False, verify=cfg.verify)
+    checkpoints = model_paths(cfg.ckpt, onnx=False) if cfg.ckpt else [latest_checkpoint(Path(cfg.paths.log_dir))]
+    if len(checkpoints) == 1:  # the run's own probabilities: it chose its thresholds on them (temperature: below)
+        checkpoint = checkpoints[0]
+        predictor = Predictor(checkpoint, calibrated=False, heatmaps=False, verify=cfg.verify)
+        choices = run_choices(checkpoint)
+    else:  # the mean of the members' calibrated probabilities (fetalbrain/ensemble.py)
+        predictor = Ensemble(checkpoints, heatmaps=False, verify=cfg.verify)
+        checkpoint, choices = checkpoints[0], predictor.run_choices()
     class_names = list(predictor.class_names)
-    choices = run_choices(checkpoint)
     data: EvaluationData = read_evaluation_data(cfg.data.root, cfg.data.format, _parts(cfg.data.split), class_names)
     skipped: list[dict] = []
     for entry in data.bad:  # broken links and unreadable entries found while listing: before any prediction
         _bad_image(entry, cfg.data.on_bad_image, skipped)
-    log.info("Evaluating %s on %d images of %s (%s)", checkpoint, len(data.paths), data.root, data.format)
-    logits, ood_scores, kept, read_skipped = predict_outputs(
-        predictor, data.paths, int(cfg.batch_size), cfg.data.on_bad_image
-    )
+    log.info("Evaluating %s on %d images of %s (%s)", predictor.card["name"], len(data.paths), data.root, data.format)
+    scores, kept, read_skipped = predict_outputs(predictor, data.paths, int(cfg.batch_size), cfg.data.on_bad_image)
     skipped += read_skipped
-    ood = OODScores.of(predictor.ood_detector, ood_scores, predictor.ood_status)
-    probs = softmax(logits)  # the model's own probabilities: the run chose its thresholds on these
+    ood = OODScores.of(predictor.ood_detector, scores.ood, predictor.ood_status)
+    probs = scores.probs
     paths = [data.paths[i] for i in kept]
     targets = None
     if data.labels is not None:
@@ -148,6 +152,7 @@ def evaluate(cfg: DictConfig, out_dir: Path | None = None) -> dict:
         quantiles=[float(q) for q in cfg.confidence_quantiles],
         histogram_bins=int(cfg.histogram_bins),
         ood=ood,
+        abnormal=scores.abnormal,
     )
     notes = list(report.notes)
     if skipped:
@@ -167,7 +172,7 @@ def evaluate(cfg: DictConfig, out_dir: Path | None = None) -> dict:
         },
         "model": {
             "name": predictor.card["name"],
-            "checkpoint": str(checkpoint),
+            "checkpoint": str(checkpoint) if len(checkpoints) == 1 else [str(c) for c in checkpoints],
             "run_dir": str(choices.run_dir) if choices.run_dir else None,
             "integrity": predictor.integrity,
             "preprocessing": predictor.card["preprocessing"],

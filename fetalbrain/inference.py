@@ -98,6 +98,43 @@ def deployment_metadata(checkpoint: Path, state: dict, screening_rule: str = "yo
     return card
 
 
+@dataclass
+class BatchScores:
+    """What a model says of a batch of images: class probabilities, the screening score when it is not
+    1 - p(normal) of these probabilities (an ensemble's), and OOD scores (None: no detector)."""
+
+    probs: np.ndarray
+    abnormal: np.ndarray | None = None
+    ood: np.ndarray | None = None
+
+
+def describe_probabilities(
+    result: Prediction,
+    probs: np.ndarray,
+    class_names: list[str],
+    abnormal: float | None,
+    screening_threshold: float | None,
+) -> int:
+    """Fill the class, its confidence, every class's probability and the screening score; returns the top class."""
+    order = np.argsort(probs)[::-1]
+    top = int(order[0])
+    result.label, result.name, result.confidence = class_names[top], display_name(class_names[top]), float(probs[top])
+    result.probabilities = {display_name(class_names[i]): float(probs[i]) for i in order}
+    if abnormal is not None:
+        result.abnormal_probability, result.screening_threshold = abnormal, screening_threshold
+    return top
+
+
+def add_warnings(result: Prediction, min_confidence: float, colour: float, max_colourfulness: float) -> None:
+    if result.confidence < min_confidence:
+        result.warnings.append(
+            f"low confidence ({result.confidence:.2f} < {min_confidence}): "
+            "the model is unsure; do not rely on this class"
+        )
+    if colour > max_colourfulness:
+        result.warnings.append("colour image: ultrasound images are grey, so this input looks unlike the training data")
+
+
 class Predictor:
     """Load once, predict many. ``model_path``: a Lightning checkpoint (.ckpt) or an ONNX export.
 
@@ -221,6 +258,39 @@ class Predictor:
         features, logits = features_and_logits(self.model, batch)
         return features.numpy(), self._with_tta(batch, logits.numpy())
 
+    def image_outputs(self, gray: np.ndarray) -> tuple[np.ndarray, torch.Tensor, np.ndarray, float | None]:
+        """One decoded image through the run's preprocessing and net: the view (the image as the network saw it,
+        before the final resize), the batch of one, its logits (with the run's TTA) and its OOD score (None
+        without a detector), all from one forward pass."""
+        view = self.view(image=gray)["image"]
+        batch = self.tensor(gray, view)
+        if self.ood_detector is None:
+            return view, batch, self.logits(batch), None
+        features, logits = self.features(batch)
+        return view, batch, logits, float(self.ood_detector.score(features)[0])
+
+    def batch_outputs(self, grays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits (with the run's TTA) and OOD scores (None without a detector) of decoded images, from one
+        forward pass of the batch."""
+        batch = torch.cat([self.tensor(gray) for gray in grays])
+        if self.ood_detector is None:
+            return self.logits(batch), None
+        features, logits = self.features(batch)
+        return logits, self.ood_detector.score(features)
+
+    def batch_scores(self, grays: list[np.ndarray]) -> BatchScores:
+        """Probabilities at ``self.temperature`` and OOD scores of decoded images; ``abnormal`` stays None: the
+        screening score is 1 - p(normal) of the uncalibrated probabilities."""
+        logits, ood = self.batch_outputs(grays)
+        return BatchScores(softmax(logits, self.temperature), ood=ood)
+
+    def heatmap(self, view: np.ndarray, batch: torch.Tensor, target: int) -> np.ndarray:
+        """Grad-CAM (HxW in [0, 1], the view's size) of ``target`` for one preprocessed image."""
+        import cv2
+
+        cam, _ = grad_cam(self.model.net, batch.contiguous(memory_format=torch.channels_last), target)
+        return cv2.resize(cam.astype(np.float32), (view.shape[1], view.shape[0]), interpolation=cv2.INTER_LINEAR)
+
     def predict_file(self, path: str | Path, heatmap: bool | None = None) -> Prediction:
         started = time.perf_counter()
         result = Prediction(file=str(path))
@@ -229,44 +299,28 @@ class Predictor:
         except ImageReadError as error:
             result.error = str(error)
             return result
-        view = self.view(image=gray)["image"]
-        batch = self.tensor(gray, view)
-        if self.ood_detector is not None:
-            features, logits = self.features(batch)
-            result.ood_score = float(self.ood_detector.score(features)[0])
+        view, batch, logits, result.ood_score = self.image_outputs(gray)
+        if result.ood_score is not None:
             result.ood_threshold = self.ood_detector.threshold
         else:
-            logits = self.logits(batch)
             result.ood_note = f"no OOD check: {self.ood_status}"
-        probs = softmax(logits, self.temperature)[0]
-        order = np.argsort(probs)[::-1]
-        top = int(order[0])
-        result.label, result.name, result.confidence = (
-            self.class_names[top],
-            display_name(self.class_names[top]),
-            float(probs[top]),
-        )
-        result.probabilities = {display_name(self.class_names[i]): float(probs[i]) for i in order}
+        abnormal = None
         if NORMAL_CLASS in self.class_names:
             # On the scale its threshold was chosen on: validation probabilities before temperature scaling.
-            raw = softmax(logits, 1.0)[0]
-            result.abnormal_probability = 1.0 - float(raw[self.class_names.index(NORMAL_CLASS)])
-            result.screening_threshold = self.card.get("screening_threshold")
-        if result.confidence < self.min_confidence:
-            result.warnings.append(
-                f"low confidence ({result.confidence:.2f} < {self.min_confidence}): "
-                "the model is unsure; do not rely on this class"
-            )
-        if colour > self.max_colourfulness:
-            result.warnings.append(
-                "colour image: ultrasound images are grey, so this input looks unlike the training data"
-            )
+            abnormal = 1.0 - float(softmax(logits, 1.0)[0][self.class_names.index(NORMAL_CLASS)])
+        top = describe_probabilities(
+            result,
+            softmax(logits, self.temperature)[0],
+            self.class_names,
+            abnormal,
+            self.card.get("screening_threshold"),
+        )
+        add_warnings(result, self.min_confidence, colour, self.max_colourfulness)
         if heatmap if heatmap is not None else self.heatmaps:
             if self.model is None:
                 result.warnings.append("no heatmap: it needs the PyTorch checkpoint, not the ONNX export")
             else:
-                cam, _ = grad_cam(self.model.net, batch.contiguous(memory_format=torch.channels_last), top)
-                result.heatmap = overlay(view, cam)
+                result.heatmap = overlay(view, self.heatmap(view, batch, top))
         result.seconds = time.perf_counter() - started
         return result
 

@@ -1,5 +1,8 @@
 """Batch prediction: ``python -m fetalbrain.predict inputs=FILE_OR_DIR [ckpt=PATH] [out=preds.csv]``.
 
+``ckpt``: a checkpoint or ONNX export, a run folder, or several (a list, or a folder of runs such as a
+cross-validation sweep): several are one ensemble averaging calibrated probabilities (fetalbrain/ensemble.py).
+
 One CSV row per file: predicted class, confidence, the abnormal probability and the run's
 screening threshold, warnings (low confidence, unlike the training data), all class
 probabilities. Every file under the inputs gets a row: one that cannot be predicted (broken symbolic
@@ -16,7 +19,8 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from fetalbrain.data.images import DICOM_EXTENSIONS, IMAGE_EXTENSIONS, is_dicom
-from fetalbrain.inference import NOT_ULTRASOUND, Prediction, Predictor
+from fetalbrain.ensemble import load_model
+from fetalbrain.inference import NOT_ULTRASOUND, Prediction
 from fetalbrain.runs import latest_checkpoint
 
 NOT_AN_IMAGE = "not an image or DICOM file"  # evaluate lists such files as ignored, not as bad images
@@ -104,11 +108,10 @@ def predictions_frame(predictions: list[Prediction]) -> pd.DataFrame:
 
 
 def predict(cfg: DictConfig) -> pd.DataFrame:
-    checkpoint = Path(cfg.ckpt) if cfg.ckpt else latest_checkpoint(Path(cfg.paths.log_dir))
-    predictor = Predictor(
-        checkpoint,
-        cfg.min_confidence,
-        cfg.calibrated,
+    predictor = load_model(
+        cfg.ckpt if cfg.ckpt else latest_checkpoint(Path(cfg.paths.log_dir)),
+        min_confidence=cfg.min_confidence,
+        calibrated=cfg.calibrated,
         screening_rule=cfg.screening_rule,
         heatmaps=bool(cfg.heatmaps),
         verify=cfg.verify,
@@ -129,7 +132,9 @@ def predict(cfg: DictConfig) -> pd.DataFrame:
     frame = predictions_frame(predictions)
     frame.to_csv(cfg.out, index=False)
     failed = frame[frame["error"].notna()]
-    print(f"{len(frame) - len(failed)} of {len(frame)} files predicted with {checkpoint.name} -> {cfg.out}")
+    print(
+        f"{len(frame) - len(failed)} of {len(frame)} files predicted with {predictor.card['checkpoint']} -> {cfg.out}"
+    )
     print(f"  out-of-distribution check: {predictor.ood_status}")
     flagged = int((frame["out_of_distribution"] == True).sum())  # noqa: E712 (None: not checked)
     if flagged:

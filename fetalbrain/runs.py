@@ -66,13 +66,25 @@ def find_runs(directories, task: str | None = None) -> list[Path]:
     return [r for r in runs if task is None or task_of(read_summary(r)) == task]
 
 
+def best_checkpoint(run_dir: Path, summary: dict) -> Path | None:
+    """The run's best checkpoint on disk: in its own ``checkpoints/`` (a run moved or copied elsewhere), else the
+    path its summary records; None if neither is there."""
+    recorded = summary.get("run", {}).get("best_checkpoint") or ""
+    if not recorded:
+        return None
+    for candidate in (Path(run_dir) / CHECKPOINT_DIR / Path(recorded).name, Path(recorded)):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
 def available_runs(log_dir: str | Path = DEFAULT_LOG_DIR, task: str = "classification") -> list[dict]:
     """Finished runs of a task with their best checkpoint on disk, newest first."""
     runs = []
     for run_dir in find_runs([log_dir], task):
         summary = read_summary(run_dir)
-        checkpoint = Path(summary["run"].get("best_checkpoint") or "")
-        if checkpoint.is_file():
+        checkpoint = best_checkpoint(run_dir, summary)
+        if checkpoint is not None:
             modified = (run_dir / SUMMARY_FILE).stat().st_mtime
             runs.append(
                 {"run_dir": run_dir, "checkpoint": checkpoint, "model": summary["run"]["model"], "modified": modified}

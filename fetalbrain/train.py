@@ -38,10 +38,10 @@ log = logging.getLogger(__name__)
 
 
 def check_evaluation(cfg: DictConfig) -> None:
-    """Refuse bad ``evaluation.ood``, ``external``, ``nearest_neighbour`` and ``hierarchy`` settings by key, before anything is built or
-    trained: the report reads them only after training, where a typo would cost the whole run and then give only
-    a note. Classification runs only (a generator writes no such report); a section the config lacks (a resumed
-    run from before it existed) or has switched off is not read, so it is not checked."""
+    """Refuse bad ``evaluation.ood``, ``external``, ``nearest_neighbour`` and ``hierarchy`` settings by key, before
+    anything is built or trained: the report reads them only after training, where a typo would cost the whole run
+    and then give only a note. Classification runs only (a generator writes no such report); a section the config
+    lacks (a resumed run from before it existed) or has switched off is not read, so it is not checked."""
     if getattr(get_class(cfg.model._target_), "task", None) != "classification":
         return
     evaluation = cfg.get("evaluation") or {}

@@ -29,7 +29,7 @@ from fetalbrain.evaluation import calibration, plots
 from fetalbrain.evaluation.metrics import STAGE_METRICS
 from fetalbrain.evaluation.report import Predictions, per_class_table, predictions_table
 from fetalbrain.evaluation.screening import abnormal_scores, both_classes, operating_point
-from fetalbrain.runs import CONFIG_FILE, SUMMARY_FILE, read_summary, run_directory, task_of
+from fetalbrain.runs import CONFIG_FILE, SUMMARY_FILE, best_checkpoint, read_summary, run_directory, task_of
 
 FORMATS = ("auto", "roboflow", "folder", "unlabeled")
 PREFIX = "eval/"
@@ -58,10 +58,12 @@ class RunChoices:
     source: str | None = None  # the metrics.json the values come from
     ood_test_flag_rate: float | None = None  # the run's own test part flagged by its OOD detector
     notes: list[str] = field(default_factory=list)
+    no_temperature: str = "needs the run's temperature, which was not found"  # why, when temperature is None
 
 
 def resolve_checkpoint(ckpt: str | Path) -> Path:
-    """A checkpoint as given, or a run folder's best checkpoint (found in its ``checkpoints/`` if the run moved)."""
+    """A checkpoint as given, or a run folder's best checkpoint: the one in its own ``checkpoints/`` (a run moved or
+    copied elsewhere), else the path its metrics.json records."""
     path = Path(ckpt)
     if path.suffix == ".onnx":
         raise ValueError(
@@ -77,10 +79,10 @@ def resolve_checkpoint(ckpt: str | Path) -> Path:
     summary = read_summary(path)
     if task_of(summary) != "classification":
         raise ValueError(f"ckpt={ckpt}: a {task_of(summary)} run; evaluate needs a classification run")
+    found = best_checkpoint(path, summary)
+    if found is not None:
+        return found
     recorded = summary.get("run", {}).get("best_checkpoint") or ""
-    for candidate in (Path(recorded), path / "checkpoints" / Path(recorded).name):
-        if recorded and candidate.is_file():
-            return candidate
     raise FileNotFoundError(f"ckpt={ckpt}: its best checkpoint {recorded or '(none recorded)'} is not on disk")
 
 
@@ -279,6 +281,7 @@ class Scorer:
         choices: RunChoices,
         calibration_bins: int,
         ood: OODScores | None = None,
+        abnormal: np.ndarray | None = None,
     ):
         self.probs, self.targets, self.class_names = probs, targets, class_names
         self.choices, self.bins = choices, calibration_bins
@@ -290,7 +293,10 @@ class Scorer:
         )
         self.normal = class_names.index(NORMAL_CLASS) if NORMAL_CLASS in class_names else None
         self.predicted = probs.argmax(axis=1)
-        self.abnormal = 1.0 - probs[:, self.normal] if self.normal is not None else None
+        if self.normal is None:
+            self.abnormal = None
+        else:  # an ensemble's screening score is its own (ensemble.py); a run's is 1 - p(normal)
+            self.abnormal = abnormal if abnormal is not None else 1.0 - probs[:, self.normal]
         # the training run's own metric objects (metrics.STAGE_METRICS), so that eval/x means what test/x means
         self.stage = {f"{PREFIX}{name}": factory(len(class_names)) for name, (_, factory, _) in STAGE_METRICS.items()}
         self.not_computable = self._requirements(targets, named=True)
@@ -316,7 +322,7 @@ class Scorer:
                     reason += f"; the data hold only {display_name(self.class_names[present[0]])}"
                 why.update({f"{PREFIX}{name}": reason for name in STAGE_METRICS if name not in SINGLE_CLASS_METRICS})
             if self.scaled is None:
-                why.update(dict.fromkeys(CALIBRATION_KEYS[2:], "needs the run's temperature, which was not found"))
+                why.update(dict.fromkeys(CALIBRATION_KEYS[2:], self.choices.no_temperature))
             if self.normal is not None:
                 is_abnormal = (targets != self.normal).astype(int)
                 if not both_classes(is_abnormal):
@@ -488,12 +494,14 @@ def write_evaluation_report(
     quantiles: list[float],
     histogram_bins: int = 20,
     ood: OODScores | None = None,
+    abnormal: np.ndarray | None = None,
 ) -> EvaluationReport:
     """Write the tables and figures the data allow; return the metrics (with intervals) and what was not
     computable. ``bootstrap``: ``samples``, ``seed``, ``confidence``; ``ood``: the run's OOD detector's scores of
-    the images (None or without scores: ``eval/ood/...`` not computable, with why)."""
+    the images (None or without scores: ``eval/ood/...`` not computable, with why); ``abnormal``: the screening
+    score when it is not 1 - p(normal) of ``probs`` (an ensemble's)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    scorer = Scorer(probs, targets, class_names, choices, calibration_bins, ood)
+    scorer = Scorer(probs, targets, class_names, choices, calibration_bins, ood, abnormal)
     point = scorer.score()
     metrics = {
         **point,

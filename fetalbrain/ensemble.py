@@ -1,0 +1,237 @@
+"""Several trained runs as one model: e.g. the five fold models of a cross-validation, the natural model to hand over.
+
+``load_model(spec)`` reads what ``predict``, ``evaluate`` and the GUI accept as ``ckpt``: a checkpoint, a run
+folder (its best checkpoint), a folder of runs (a sweep: every classification run's best checkpoint), or a list
+of those. One checkpoint gives a ``Predictor``; several give an ``Ensemble`` with the same interface.
+
+How an ensemble decides, so that its numbers read like a single run's:
+
+* class probabilities: the mean of the members' **calibrated** probabilities (each member's own preprocessing,
+  test-time augmentation and temperature fitted on its own validation part). Averaging calibrated members keeps
+  the result calibrated (the mean of calibrated forecasts is calibrated where the members agree, and no more
+  confident than they are where they disagree); nothing is fitted again.
+* screening: each member's threshold was chosen on its uncalibrated abnormal probability ``1 - p(normal)``; the
+  ensemble compares the mean of those probabilities with the mean of those thresholds.
+* out of distribution: each member's score over its own threshold, averaged; flagged when the mean is above 1.
+* Grad-CAM: each member's heatmap of the ensemble's class, averaged, drawn on the first member's view.
+"""
+
+import time
+from pathlib import Path
+
+import numpy as np
+from omegaconf import ListConfig
+
+from fetalbrain.data.classes import NORMAL_CLASS
+from fetalbrain.data.images import ImageReadError, read_image
+from fetalbrain.evaluation.calibration import softmax
+from fetalbrain.evaluation.external import RunChoices, resolve_checkpoint, run_choices
+from fetalbrain.evaluation.metrics import SHOWN
+from fetalbrain.inference import BatchScores, Prediction, Predictor, add_warnings, describe_probabilities
+from fetalbrain.models.gradcam import overlay
+from fetalbrain.runs import SUMMARY_FILE, find_runs
+
+
+def model_paths(spec, onnx: bool = True) -> list[Path]:
+    """The checkpoints ``spec`` names (see the module docstring), in a stable order, each once. ``onnx=False``
+    refuses exports (evaluate needs the runs' metrics.json)."""
+    specs = list(spec) if isinstance(spec, list | tuple | ListConfig) else [spec]
+    if not specs:
+        raise ValueError("ckpt=[]: name at least one checkpoint, run folder or folder of runs")
+    paths: list[Path] = []
+    for item in specs:
+        path = Path(str(item))
+        if path.suffix == ".onnx" and onnx and path.is_file():
+            found = [path]
+        elif path.is_dir() and not (path / SUMMARY_FILE).is_file():  # a sweep: its classification runs
+            runs = find_runs([path], task="classification")
+            if not runs:
+                raise FileNotFoundError(f"ckpt={item}: a folder with no finished classification run under it")
+            found = [resolve_checkpoint(run) for run in runs]
+        else:
+            found = [resolve_checkpoint(path)]
+        paths += [p for p in found if p.resolve() not in {q.resolve() for q in paths}]
+    return paths
+
+
+def load_model(spec, **options) -> "Predictor | Ensemble":
+    """A ``Predictor`` for one checkpoint, an ``Ensemble`` for several; ``options`` go to every ``Predictor``."""
+    paths = model_paths(spec, onnx=options.pop("onnx", True))
+    return Predictor(paths[0], **options) if len(paths) == 1 else Ensemble(paths, **options)
+
+
+class MemberScoreRatio:
+    """The members' OOD detectors as one: the score is the mean of each member's score over its threshold."""
+
+    threshold = 1.0
+
+    def __init__(self, keep_in_distribution: float | None):
+        self.keep_in_distribution = keep_in_distribution
+
+    def flag(self, scores: np.ndarray) -> np.ndarray:
+        return np.asarray(scores) > self.threshold
+
+    def describe(self) -> str:
+        return "the mean of the members' OOD scores, each over its own threshold (flagged above 1)"
+
+
+def _mean_or_none(values: list) -> float | None:
+    return None if any(v is None for v in values) else float(np.mean(values))
+
+
+class Ensemble:
+    """The members' calibrated probabilities averaged (see the module docstring). Same interface as ``Predictor``
+    for predict, evaluate and the GUI: ``predict_file(s)``, ``batch_scores``, ``card``, ``class_names``,
+    ``ood_status``, ``integrity``. Members must be checkpoints (a heatmap and the OOD check need the net) with the
+    same classes in the same order."""
+
+    def __init__(
+        self,
+        paths: list[Path],
+        min_confidence: float = 0.5,
+        calibrated: bool = True,
+        max_colourfulness: float = 8.0,
+        screening_rule: str = "youden",
+        heatmaps: bool = True,
+        verify: bool = True,
+        ood: bool = True,
+        tta: str | None = None,
+    ):
+        if len(paths) < 2:
+            raise ValueError("an ensemble needs at least two checkpoints")
+        onnx = [str(p) for p in paths if Path(p).suffix == ".onnx"]
+        if onnx:
+            raise ValueError(f"ckpt: an ensemble is built from checkpoints (.ckpt), not ONNX exports: {onnx[0]}")
+        # members always calibrated: an ensemble averages calibrated probabilities (calibrated=False: see below)
+        self.members = [
+            Predictor(p, min_confidence, True, max_colourfulness, screening_rule, heatmaps, verify, ood, tta)
+            for p in paths
+        ]
+        self.calibrated = calibrated
+        self.min_confidence, self.max_colourfulness, self.heatmaps = min_confidence, max_colourfulness, heatmaps
+        self.paths = [m.path for m in self.members]
+        self.class_names = list(self.members[0].class_names)
+        for member in self.members[1:]:
+            if list(member.class_names) != self.class_names:
+                raise ValueError(
+                    f"ckpt: {member.path} has classes {list(member.class_names)}, {self.paths[0]} has "
+                    f"{self.class_names}: an ensemble's members must share their classes, in one order"
+                )
+        self.screening_rule = screening_rule
+        self.card = self._card()
+        self.integrity = "; ".join(f"{m.path.parent.parent.name}: {m.integrity}" for m in self.members)
+        self.ood_detector, self.ood_status = None, ""
+        missing = [m for m in self.members if m.ood_detector is None]
+        if missing:
+            name = missing[0].path.parent.parent.name
+            self.ood_status = f"none: member {name} has no OOD detector ({missing[0].ood_status})"
+        else:
+            keep = _mean_or_none([m.ood_detector.keep_in_distribution for m in self.members])
+            self.ood_detector = MemberScoreRatio(keep)
+            self.ood_status = f"{self.ood_detector.describe()}, {len(self.members)} members"
+
+    def _card(self) -> dict:
+        cards = [m.card for m in self.members]
+        shown = {k for card in cards for k in card.get("test_metrics") or {}}
+        test_metrics = {  # the members' own test numbers, averaged (each on its own test fold)
+            k: float(np.mean([c["test_metrics"][k] for c in cards]))
+            for k in SHOWN
+            if k in shown and all(k in (c.get("test_metrics") or {}) for c in cards)
+        }
+        names = sorted({c["name"] for c in cards})
+        return {
+            "name": f"ensemble of {len(cards)} ({', '.join(names)})",
+            "class_names": self.class_names,
+            "preprocessing": cards[0]["preprocessing"],  # the first member's: each member applies its own
+            "run": ", ".join(c["run"] for c in cards),
+            "checkpoint": ", ".join(c["checkpoint"] for c in cards),
+            "members": [str(m.path) for m in self.members],
+            "test_metrics": test_metrics,
+            "screening_threshold": _mean_or_none([c.get("screening_threshold") for c in cards]),
+            "temperature": None,  # each member's own: the ensemble averages calibrated probabilities
+            "tta": cards[0].get("tta", "none"),
+        }
+
+    def run_choices(self) -> RunChoices:
+        """What evaluate applies: the mean of the members' thresholds for each rule all of them have; no
+        temperature (the ensemble's probabilities are already its members' calibrated ones)."""
+        members = [run_choices(m.path) for m in self.members]
+        rules = set.intersection(*(set(c.thresholds) for c in members))
+        choices = RunChoices(
+            checkpoint=self.paths[0],
+            thresholds={r: float(np.mean([c.thresholds[r] for c in members])) for r in sorted(rules)},
+            calibration_bins=members[0].calibration_bins,
+            source=f"the mean of {len(members)} members' metrics.json",
+            no_temperature=(
+                "an ensemble averages its members' temperature-scaled probabilities: its ECE and NLL are already "
+                "the calibrated ones, and no temperature is applied on top"
+            ),
+        )
+        choices.notes = [note for c in members for note in c.notes] + [
+            f"an ensemble of {len(members)} checkpoints ({', '.join(str(p) for p in self.paths)}): probabilities "
+            "are the mean of the members' calibrated probabilities; the screening thresholds are the mean of the "
+            "members' (applied to the mean of their uncalibrated abnormal probabilities); the OOD score is the mean "
+            "of each member's score over its threshold (flagged above 1)"
+        ]
+        return choices
+
+    def _combine(self, logits: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+        """Mean calibrated probabilities (members' temperatures; with calibrated=False their plain softmax) and
+        the mean uncalibrated abnormal probability (None without a normal class)."""
+        probs = np.mean(
+            [softmax(z, m.temperature if self.calibrated else 1.0) for m, z in zip(self.members, logits)], 0
+        )
+        if NORMAL_CLASS not in self.class_names:
+            return probs, None
+        normal = self.class_names.index(NORMAL_CLASS)
+        return probs, np.mean([1.0 - softmax(z, 1.0)[:, normal] for z in logits], axis=0)
+
+    def batch_scores(self, grays: list[np.ndarray]) -> BatchScores:
+        outputs = [m.batch_outputs(grays) for m in self.members]
+        probs, abnormal = self._combine([logits for logits, _ in outputs])
+        ood = None
+        if self.ood_detector is not None:
+            ood = np.mean([score / m.ood_detector.threshold for (_, score), m in zip(outputs, self.members)], axis=0)
+        return BatchScores(probs, abnormal, ood)
+
+    def predict_file(self, path: str | Path, heatmap: bool | None = None) -> Prediction:
+        started = time.perf_counter()
+        result = Prediction(file=str(path))
+        try:
+            gray, colour = read_image(path)
+        except ImageReadError as error:
+            result.error = str(error)
+            return result
+        outputs = [m.image_outputs(gray) for m in self.members]
+        probs, abnormal = self._combine([logits for _, _, logits, _ in outputs])
+        if self.ood_detector is not None:
+            result.ood_score = float(
+                np.mean([score / m.ood_detector.threshold for (*_, score), m in zip(outputs, self.members)])
+            )
+            result.ood_threshold = self.ood_detector.threshold
+        else:
+            result.ood_note = f"no OOD check: {self.ood_status}"
+        top = describe_probabilities(
+            result,
+            probs[0],
+            self.class_names,
+            None if abnormal is None else float(abnormal[0]),
+            self.card["screening_threshold"],
+        )
+        add_warnings(result, self.min_confidence, colour, self.max_colourfulness)
+        if heatmap if heatmap is not None else self.heatmaps:
+            first_view = outputs[0][0]
+            cams = []
+            for member, (view, batch, _, _) in zip(self.members, outputs):
+                cam = member.heatmap(view, batch, top)
+                if cam.shape != first_view.shape[:2]:  # another member's crop or letterbox: resized to the first
+                    import cv2
+
+                    cam = cv2.resize(cam, (first_view.shape[1], first_view.shape[0]), interpolation=cv2.INTER_LINEAR)
+                cams.append(cam)
+            result.heatmap = overlay(first_view, np.mean(cams, axis=0))
+        result.seconds = time.perf_counter() - started
+        return result
+
+    def predict_files(self, paths, heatmap: bool | None = None) -> list[Prediction]:
+        return [self.predict_file(p, heatmap) for p in paths]
