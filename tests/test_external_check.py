@@ -114,6 +114,31 @@ def test_absent_folder_or_no_normal_class_or_a_bad_setting_give_a_note_not_an_er
     assert not list(tmp_path.glob("external_*"))
 
 
+def test_an_unreadable_external_image_is_left_out_and_named(run, trained_checkpoint, tmp_path):
+    import shutil
+
+    from fetalbrain.models.classifier import load_classifier
+    from fetalbrain.runs import read_checkpoint
+
+    folder = tmp_path / "heads"
+    (folder / "images").mkdir(parents=True)
+    table = pd.read_csv(SHIPPED / LABELS_CSV).head(4)
+    for name in table["file"][:3]:
+        shutil.copyfile(SHIPPED / "images" / name, folder / "images" / name)
+    (folder / "images" / table["file"].iloc[3]).write_bytes(b"\xff\xd8 not a whole JPEG")
+    table.to_csv(folder / LABELS_CSV, index=False)
+    model = load_classifier(read_checkpoint(trained_checkpoint))
+    thresholds = {k: v for k, v in run["metrics"].items() if k.startswith("screening/")}
+    test = (np.full((2, len(model.hparams.class_names)), 1 / len(model.hparams.class_names)), np.array([0, 1]))
+    out = tmp_path / "run"
+    out.mkdir()
+    metrics, notes, _ = external_report(
+        model, out, external_options(root=str(folder)), list(model.hparams.class_names), test, thresholds
+    )
+    assert metrics["external/images"] == 3 and len(pd.read_csv(out / CSV_FILE)) == 3
+    assert "1 unreadable image(s) left out" in notes[0] and table["file"].iloc[3] in notes[0]
+
+
 def test_bootstrap_resamples_subjects_not_images():
     """Ten subjects of twenty identical frames each, half all normal: the information is ten subjects, not 200
     images. Resampling subjects gives the wide interval ten give; treating frames as independent, a narrow one."""

@@ -88,6 +88,7 @@ def test_bad_loss_settings_are_refused_by_key():
         ("layer_decay", 0.0, "model.layer_decay=0.0"),
         ("mix_prob", 1.5, "model.mix_prob=1.5"),
         ("mixup_alpha", -0.2, "model.mixup_alpha=-0.2"),
+        ("logit_adjustment_tau", -1.0, "model.logit_adjustment_tau=-1.0"),
     ]:
         with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
             Classifier(CNN, CLASSES, **{key: value})
@@ -161,7 +162,7 @@ def test_layer_decay_gives_earlier_blocks_lower_learning_rates():
     assert late == pytest.approx(head_conv * 0.8) and first == pytest.approx(stem / 0.8)
     assert all(group["weight_decay"] == 0.01 for group in optimizer.param_groups)  # the optimizer's own
     with pytest.raises(ValueError, match="model.layer_decay=0.8: SmallCNN has no layer groups"):
-        Classifier(CNN, CLASSES, optimizer=adamw, layer_decay=0.8).configure_optimizers()
+        Classifier(CNN, CLASSES, optimizer=adamw, layer_decay=0.8)  # at build, before any data or training
 
 
 # ---- test-time augmentation --------------------------------------------------------------------------------------

@@ -232,10 +232,24 @@ def external_report(
     started = time.perf_counter()
     try:
         table = read_labelled_folder(root, options.label)
-        images = [read_grayscale(path) for path in table["path"]]
-    except (DatasetError, ImageReadError) as error:
+    except DatasetError as error:
         log.error("No external normal check: %s", error)
         return {}, [f"no external normal check: {error}"], {}
+    images, unreadable = [], []
+    for path in table["path"]:  # an unreadable file is left out and named; the others are still checked
+        try:
+            images.append(read_grayscale(path))
+        except ImageReadError as error:
+            unreadable.append((path, str(error)))
+    notes = []
+    if unreadable:
+        table = table[~table["path"].isin([path for path, _ in unreadable])].reset_index(drop=True)
+        notes.append(
+            f"external normal check: {len(unreadable)} unreadable image(s) left out, e.g. {unreadable[0][1]}"
+        )
+        log.warning("External normal check: %s", notes[-1])
+    if not images:
+        return {}, [f"no external normal check: none of the images under {root} could be read", *notes], {}
     features, logits = image_features(model, images)
     normal = class_names.index(NORMAL_CLASS)
     probs = softmax(logits)  # uncalibrated: the scale the thresholds were chosen on
@@ -253,7 +267,6 @@ def external_report(
     for rule, threshold in thresholds.items():
         indicators[f"{SPECIFICITY}_{rule}"] = score < threshold  # the screening calls score >= threshold abnormal
         test_values[f"{TEST_PREFIX}normal_specificity_{rule}"] = test_score < threshold
-    notes = []
     if thresholds and options.rule in thresholds:
         indicators[SPECIFICITY] = indicators[f"{SPECIFICITY}_{options.rule}"]
         test_values[f"{TEST_PREFIX}normal_specificity"] = test_values[f"{TEST_PREFIX}normal_specificity_{options.rule}"]

@@ -77,7 +77,9 @@ class Classifier(L.LightningModule):
         tta: str = "none",
     ):
         super().__init__()
-        check_loss_options(loss, class_weighting, label_smoothing, focal_gamma, class_balance_beta)
+        check_loss_options(
+            loss, class_weighting, label_smoothing, focal_gamma, class_balance_beta, logit_adjustment_tau
+        )
         if layer_decay is not None and not 0.0 < layer_decay <= 1.0:
             raise ValueError(f"model.layer_decay={layer_decay}: must be in (0, 1], or null for none")
         for key, value in (("mixup_alpha", mixup_alpha), ("cutmix_alpha", cutmix_alpha)):
@@ -118,6 +120,11 @@ class Classifier(L.LightningModule):
             }
         )
         self.net = instantiate(net, num_classes=len(class_names))
+        if layer_decay is not None and not hasattr(self.net, "group_matcher"):  # here, not at optimizer set-up
+            raise ValueError(
+                f"model.layer_decay={layer_decay}: {type(self.net).__name__} has no layer groups; layer-wise decay "
+                "needs a timm backbone (model=efficientnet_lite0, xception, timm, ...) or model.layer_decay=null"
+            )
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.register_buffer("class_weights", torch.ones(len(class_names)))  # model.class_weighting
         # The training part's log class frequencies (model.loss=logit_adjusted): computed from the data at every
@@ -343,11 +350,6 @@ class Classifier(L.LightningModule):
         lr = self.optimizer_factory.keywords["lr"]
         if decay is None:
             return [{"params": self.backbone_parameters(), "lr": lr * factor}, {"params": self.head_parameters()}]
-        if not hasattr(self.net, "group_matcher"):
-            raise ValueError(
-                f"model.layer_decay={decay}: {type(self.net).__name__} has no layer groups; layer-wise decay needs "
-                "a timm backbone (model=efficientnet_lite0, xception, timm, ...) or model.layer_decay=null"
-            )
         from timm.optim import param_groups_layer_decay
 
         head = {id(p) for p in self.head_parameters()}

@@ -15,7 +15,12 @@ CLASS_WEIGHTINGS = ("none", "balanced", "effective_number")
 
 
 def check_loss_options(
-    loss: str, class_weighting: str, label_smoothing: float, focal_gamma: float, class_balance_beta: float
+    loss: str,
+    class_weighting: str,
+    label_smoothing: float,
+    focal_gamma: float,
+    class_balance_beta: float,
+    logit_adjustment_tau: float = 1.0,
 ) -> None:
     """Refuse a bad loss setting by its key, before any training."""
     if loss not in LOSSES:
@@ -28,6 +33,8 @@ def check_loss_options(
         raise ValueError(f"model.focal_gamma={focal_gamma}: must be >= 0 (0 is cross-entropy)")
     if not 0.0 <= class_balance_beta < 1.0:
         raise ValueError(f"model.class_balance_beta={class_balance_beta}: must be in [0, 1)")
+    if logit_adjustment_tau < 0:
+        raise ValueError(f"model.logit_adjustment_tau={logit_adjustment_tau}: must be >= 0 (0 is cross-entropy)")
 
 
 def class_weights(counts: torch.Tensor, weighting: str, beta: float = 0.999) -> torch.Tensor:
