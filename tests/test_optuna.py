@@ -23,8 +23,7 @@ import hydra_plugins.fetalbrain_plugins.optuna_sweeper as sweeper_module
 from fetalbrain.pruning import StudyStorageError, display_storage, open_storage
 from tests.conftest import CONF, ROOT, TINY, run_cli
 
-# A tiny CNN run per trial; the shortcut check is the report's slowest part and not what is tested here.
-SWEEP = ["hparams_search=optuna", *TINY, "model=cnn", "evaluation.shortcut_check=false"]
+SWEEP = ["hparams_search=optuna", *TINY, "model=cnn"]
 TOLERANT = ["hydra.sweeper.max_failure_rate=0.5"]  # one failed trial of 2 or 3 is fine
 ALWAYS_PRUNE = ["~hydra.sweeper.pruner", "+hydra.sweeper.pruner={_target_:optuna.pruners.ThresholdPruner,lower:2.0}"]
 # Every knob pinned but the label smoothing, whose second value makes the loss raise in the first step.

@@ -64,7 +64,7 @@ def test_the_pixel_baseline_sees_the_official_split_leak(datamodules):
 def test_a_reproduction_run_reports_the_baseline_and_the_hierarchy(tmp_path):
     from fetalbrain.train import train
 
-    with train_config(tmp_path, ["experiment=reproduce_cnn", *TINY, "evaluation.shortcut_check=false"]) as cfg:
+    with train_config(tmp_path, ["experiment=reproduce_cnn", *TINY]) as cfg:
         summary, _ = train(cfg)
     metrics = summary["metrics"]
     assert metrics["baseline/nn1_test_same_source"] > 0 and 0 <= metrics["baseline/nn1_test_f1_macro"] <= 1
