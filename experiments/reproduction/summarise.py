@@ -74,7 +74,7 @@ def run_rows(runs_dir: Path) -> pd.DataFrame:
                 "image_size": info["image_size"],
                 "epochs": info["epochs_trained"],
                 "best_epoch": int(best.group(1)) + 1 if best else None,  # 1-based, as epochs are counted
-                "minutes": info["train_seconds"] / 60,
+                "minutes": None if info.get("resumed") else info["train_seconds"] / 60,  # a resumed run: its last part
                 **{key: metrics.get(key) for key in {**MAIN, **HIERARCHY}},
                 **accuracy_by_copy(run),
             }
@@ -146,7 +146,7 @@ def markdown(runs: pd.DataFrame, published: pd.DataFrame) -> str:
                     str(len(group)),
                     str(group["image_size"].iloc[0]),
                     f"{group['epochs'].iloc[0]} ({group['best_epoch'].min()}–{group['best_epoch'].max()})",
-                    f"{group['minutes'].mean():.0f}",
+                    "–" if group["minutes"].isna().all() else f"{group['minutes'].mean():.0f}",
                     cell(group["test/accuracy"]),
                     cell(group["test/f1_macro"]),
                     quoted or "–",
@@ -177,7 +177,8 @@ def main(runs_dir: Path, results: Path) -> None:
     table = markdown(runs, published)
     (results / "reproduction.md").write_text(
         "# Reproduction on the official split\n\nTest scores, mean ± std over seeds [95 % t-interval]; the 1-NN "
-        "baseline does not depend on the seed (the official split is fixed).\n\n" + table + "\n"
+        "baseline does not depend on the seed (the official split is fixed). min/run: training minutes, on a CPU "
+        "thread shared with other jobs (– for a run that was stopped and resumed).\n\n" + table + "\n"
     )
     print(table)
 
