@@ -7,9 +7,10 @@ of those. One checkpoint gives a ``Predictor``; several give an ``Ensemble`` wit
 How an ensemble decides, so that its numbers read like a single run's:
 
 * class probabilities: the mean of the members' **calibrated** probabilities (each member's own preprocessing,
-  test-time augmentation and temperature fitted on its own validation part). Averaging calibrated members keeps
-  the result calibrated (the mean of calibrated forecasts is calibrated where the members agree, and no more
-  confident than they are where they disagree); nothing is fitted again.
+  test-time augmentation and temperature fitted on its own validation part); nothing is fitted again (fold
+  models share no held-out data to fit on). Where the members agree the ensemble is as calibrated as they are;
+  where they disagree it is less confident than each, so an ensemble of diverse, accurate members tends to be
+  underconfident (measured in experiments/reproduction/).
 * screening: each member's threshold was chosen on its uncalibrated abnormal probability ``1 - p(normal)``; the
   ensemble compares the mean of those probabilities with the mean of those thresholds.
 * out of distribution: each member's score over its own threshold, averaged; flagged when the mean is above 1.
