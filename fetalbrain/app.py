@@ -33,6 +33,7 @@ DISCLAIMER = (
 TABLE_COLUMNS = ["file", "name", "confidence", "abnormal_probability", "screening_positive", "warnings", "error"]
 OOD_COLUMNS = ["out_of_distribution", "ood_score", "ood_threshold"]
 CLASSIFIER_COLUMNS = ["confidence", "abnormal_probability", "screening_positive"]  # no answer for an OOD image
+RECIPE_KEYS = ("model", "data", "optimizer", "scheduler", "trainer.max_epochs")  # what a fold ensemble's runs share
 
 
 class Models:
@@ -56,11 +57,25 @@ class Models:
             return self._loaded[label]
 
 
+def fold_ensemble(run_dirs: list[Path]) -> bool:
+    """Whether a sweep's runs are one recipe trained on other folds or seeds (a cross-validation), so that they make
+    a model to hand over together; a search's trials (other settings) do not."""
+    recipes = []
+    for run_dir in run_dirs:
+        if not (run_dir / CONFIG_FILE).is_file():
+            return False
+        config = OmegaConf.load(run_dir / CONFIG_FILE)
+        recipe = {key: OmegaConf.select(config, key) for key in RECIPE_KEYS}
+        recipe["data"] = {k: v for k, v in (recipe["data"] or {}).items() if k not in ("fold", "root")}
+        recipes.append(OmegaConf.to_container(OmegaConf.create(recipe), resolve=False))
+    return all(recipe == recipes[0] for recipe in recipes[1:])
+
+
 def model_choices(cfg: DictConfig) -> dict[str, Path | list[Path]]:
     """Label -> checkpoint(s): ``ckpt`` as given (one model or one ensemble), or every finished run under
-    ``paths.log_dir`` (newest first) and, for each sweep (a Hydra multirun folder) of two or more runs, the
-    ensemble of its runs (e.g. the fold models of a cross-validation)."""
-    if cfg.ckpt:
+    ``paths.log_dir`` (newest first) and, for each sweep (a Hydra multirun folder) of two or more runs of one recipe
+    on other folds or seeds, the ensemble of its runs (e.g. the fold models of a cross-validation)."""
+    if cfg.ckpt is not None:  # ckpt=[] is refused by model_paths
         paths = model_paths(cfg.ckpt)
         if len(paths) == 1:
             return {f"{paths[0].parent.parent.name} ({paths[0].name})": paths[0]}
@@ -75,9 +90,8 @@ def model_choices(cfg: DictConfig) -> dict[str, Path | list[Path]]:
         if (r["run_dir"].parent / "multirun.yaml").is_file():
             sweeps.setdefault(r["run_dir"].parent, []).append(r)
     for sweep, members in sweeps.items():
-        if len(members) >= 2:
-            models = ", ".join(sorted({m["model"] for m in members}))
-            label = f"ensemble of {len(members)} ({models}) · {sweep.parent.name}/{sweep.name}"
+        if len(members) >= 2 and fold_ensemble([m["run_dir"] for m in members]):
+            label = f"ensemble of {len(members)} ({members[0]['model']} folds/seeds) · {sweep.parent.name}/{sweep.name}"
             choices[label] = sorted(m["checkpoint"] for m in members)
     return choices
 

@@ -14,12 +14,17 @@ How an ensemble decides, so that its numbers read like a single run's:
 * screening: each member's threshold was chosen on its uncalibrated abnormal probability ``1 - p(normal)``; the
   ensemble compares the mean of those probabilities with the mean of those thresholds.
 * out of distribution: each member's score over its own threshold, averaged; flagged when the mean is above 1.
-* Grad-CAM: each member's heatmap of the ensemble's class, averaged, drawn on the first member's view.
+* Grad-CAM: each member's heatmap of the ensemble's class, averaged, drawn on the first member's view, when the
+  members' preprocessing differs in resolution and pixel values at most (their views show the same region);
+  otherwise the first member's heatmap, with a warning.
+* screening thresholds are averaged, so a rule's guarantee on a member's validation part (sensitivity_0.95's
+  sensitivity) does not carry over to the ensemble exactly.
 """
 
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 from omegaconf import ListConfig
 
@@ -32,6 +37,10 @@ from fetalbrain.inference import BatchScores, Prediction, Predictor, add_warning
 from fetalbrain.models.gradcam import overlay
 from fetalbrain.runs import SUMMARY_FILE, find_runs
 
+# Preprocessing keys that change the pixels' resolution or values, not which region of the image the net sees:
+# members that differ only in these have heatmaps that line up (harmonise's crop and letterbox move the region).
+NOT_GEOMETRY = ("image_size", "mean", "std", "channels", "denoise", "denoise_kernel", "clahe")
+
 
 def model_paths(spec, onnx: bool = True) -> list[Path]:
     """The checkpoints ``spec`` names (see the module docstring), in a stable order, each once. ``onnx=False``
@@ -42,7 +51,9 @@ def model_paths(spec, onnx: bool = True) -> list[Path]:
     paths: list[Path] = []
     for item in specs:
         path = Path(str(item))
-        if path.suffix == ".onnx" and onnx and path.is_file():
+        if path.suffix == ".onnx" and onnx:
+            if not path.is_file():
+                raise FileNotFoundError(f"ckpt={item}: no such file")
             found = [path]
         elif path.is_dir() and not (path / SUMMARY_FILE).is_file():  # a sweep: its classification runs
             runs = find_runs([path], task="classification")
@@ -57,7 +68,7 @@ def model_paths(spec, onnx: bool = True) -> list[Path]:
 
 def load_model(spec, **options) -> "Predictor | Ensemble":
     """A ``Predictor`` for one checkpoint, an ``Ensemble`` for several; ``options`` go to every ``Predictor``."""
-    paths = model_paths(spec, onnx=options.pop("onnx", True))
+    paths = model_paths(spec)
     return Predictor(paths[0], **options) if len(paths) == 1 else Ensemble(paths, **options)
 
 
@@ -66,8 +77,7 @@ class MemberScoreRatio:
 
     threshold = 1.0
 
-    def __init__(self, keep_in_distribution: float | None):
-        self.keep_in_distribution = keep_in_distribution
+    keep_in_distribution = None  # each member's threshold keeps its own share of its validation part
 
     def flag(self, scores: np.ndarray) -> np.ndarray:
         return np.asarray(scores) > self.threshold
@@ -105,7 +115,17 @@ class Ensemble:
             raise ValueError(f"ckpt: an ensemble is built from checkpoints (.ckpt), not ONNX exports: {onnx[0]}")
         # members always calibrated: an ensemble averages calibrated probabilities (calibrated=False: see below)
         self.members = [
-            Predictor(p, min_confidence, True, max_colourfulness, screening_rule, heatmaps, verify, ood, tta)
+            Predictor(
+                p,
+                min_confidence=min_confidence,
+                calibrated=True,
+                max_colourfulness=max_colourfulness,
+                screening_rule=screening_rule,
+                heatmaps=heatmaps,
+                verify=verify,
+                ood=ood,
+                tta=tta,
+            )
             for p in paths
         ]
         self.calibrated = calibrated
@@ -118,8 +138,9 @@ class Ensemble:
                     f"ckpt: {member.path} has classes {list(member.class_names)}, {self.paths[0]} has "
                     f"{self.class_names}: an ensemble's members must share their classes, in one order"
                 )
-        self.screening_rule = screening_rule
         self.card = self._card()
+        geometry = [{k: v for k, v in m.card["preprocessing"].items() if k not in NOT_GEOMETRY} for m in self.members]
+        self.same_geometry = all(g == geometry[0] for g in geometry[1:])
         self.integrity = "; ".join(f"{m.path.parent.parent.name}: {m.integrity}" for m in self.members)
         self.ood_detector, self.ood_status = None, ""
         missing = [m for m in self.members if m.ood_detector is None]
@@ -127,8 +148,7 @@ class Ensemble:
             name = missing[0].path.parent.parent.name
             self.ood_status = f"none: member {name} has no OOD detector ({missing[0].ood_status})"
         else:
-            keep = _mean_or_none([m.ood_detector.keep_in_distribution for m in self.members])
-            self.ood_detector = MemberScoreRatio(keep)
+            self.ood_detector = MemberScoreRatio()
             self.ood_status = f"{self.ood_detector.describe()}, {len(self.members)} members"
 
     def _card(self) -> dict:
@@ -150,7 +170,7 @@ class Ensemble:
             "test_metrics": test_metrics,
             "screening_threshold": _mean_or_none([c.get("screening_threshold") for c in cards]),
             "temperature": None,  # each member's own: the ensemble averages calibrated probabilities
-            "tta": cards[0].get("tta", "none"),
+            "tta": ", ".join(sorted({c.get("tta", "none") for c in cards})),  # each member applies its own
         }
 
     def run_choices(self) -> RunChoices:
@@ -163,6 +183,10 @@ class Ensemble:
             thresholds={r: float(np.mean([c.thresholds[r] for c in members])) for r in sorted(rules)},
             calibration_bins=members[0].calibration_bins,
             source=f"the mean of {len(members)} members' metrics.json",
+            ensemble=(
+                f"{len(members)} runs ({', '.join(m.path.parent.parent.name for m in self.members)}): the mean of "
+                "their calibrated probabilities"
+            ),
             no_temperature=(
                 "an ensemble averages its members' temperature-scaled probabilities: its ECE and NLL are already "
                 "the calibrated ones, and no temperature is applied on top"
@@ -221,16 +245,17 @@ class Ensemble:
         )
         add_warnings(result, self.min_confidence, colour, self.max_colourfulness)
         if heatmap if heatmap is not None else self.heatmaps:
-            first_view = outputs[0][0]
-            cams = []
-            for member, (view, batch, _, _) in zip(self.members, outputs):
-                cam = member.heatmap(view, batch, top)
-                if cam.shape != first_view.shape[:2]:  # another member's crop or letterbox: resized to the first
-                    import cv2
-
-                    cam = cv2.resize(cam, (first_view.shape[1], first_view.shape[0]), interpolation=cv2.INTER_LINEAR)
-                cams.append(cam)
-            result.heatmap = overlay(first_view, np.mean(cams, axis=0))
+            first_view, first_batch = outputs[0][0], outputs[0][1]
+            if self.same_geometry:  # every view shows the same region: the members' maps line up
+                size = (first_view.shape[1], first_view.shape[0])
+                cams = [cv2.resize(m.heatmap(batch, top), size) for m, (_, batch, _, _) in zip(self.members, outputs)]
+                result.heatmap = overlay(first_view, np.mean(cams, axis=0))
+            else:
+                result.heatmap = overlay(first_view, self.members[0].heatmap(first_batch, top))
+                result.warnings.append(
+                    "heatmap of the first member only: the members crop or pad the image differently, so their "
+                    "heatmaps do not line up"
+                )
         result.seconds = time.perf_counter() - started
         return result
 

@@ -114,7 +114,8 @@ def evaluate(cfg: DictConfig, out_dir: Path | None = None) -> dict:
     """Evaluate, write the report into ``out_dir`` (default ``cfg.out``) and return the metrics.json summary."""
     started = time.perf_counter()
     _check_config(cfg)
-    checkpoints = model_paths(cfg.ckpt, onnx=False) if cfg.ckpt else [latest_checkpoint(Path(cfg.paths.log_dir))]
+    given = cfg.ckpt is not None  # ckpt=[] is refused by model_paths, not read as "the newest run"
+    checkpoints = model_paths(cfg.ckpt, onnx=False) if given else [latest_checkpoint(Path(cfg.paths.log_dir))]
     if len(checkpoints) == 1:  # the run's own probabilities: it chose its thresholds on them (temperature: below)
         checkpoint = checkpoints[0]
         predictor = Predictor(checkpoint, calibrated=False, heatmaps=False, verify=cfg.verify)
@@ -183,6 +184,8 @@ def evaluate(cfg: DictConfig, out_dir: Path | None = None) -> dict:
             "calibration_bins": bins,
             "source": choices.source,
             "ood": {**ood.applied(), "run_test_flag_rate": choices.ood_test_flag_rate},
+            "ensemble": choices.ensemble,
+            "no_temperature": choices.no_temperature if choices.temperature is None else None,
         },
         "data": {
             "root": str(data.root),

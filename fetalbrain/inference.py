@@ -284,12 +284,11 @@ class Predictor:
         logits, ood = self.batch_outputs(grays)
         return BatchScores(softmax(logits, self.temperature), ood=ood)
 
-    def heatmap(self, view: np.ndarray, batch: torch.Tensor, target: int) -> np.ndarray:
-        """Grad-CAM (HxW in [0, 1], the view's size) of ``target`` for one preprocessed image."""
-        import cv2
-
+    def heatmap(self, batch: torch.Tensor, target: int) -> np.ndarray:
+        """Grad-CAM of ``target`` for one preprocessed image (HxW in [0, 1], the network's resolution; ``overlay``
+        stretches it over the view)."""
         cam, _ = grad_cam(self.model.net, batch.contiguous(memory_format=torch.channels_last), target)
-        return cv2.resize(cam.astype(np.float32), (view.shape[1], view.shape[0]), interpolation=cv2.INTER_LINEAR)
+        return cam
 
     def predict_file(self, path: str | Path, heatmap: bool | None = None) -> Prediction:
         started = time.perf_counter()
@@ -320,7 +319,7 @@ class Predictor:
             if self.model is None:
                 result.warnings.append("no heatmap: it needs the PyTorch checkpoint, not the ONNX export")
             else:
-                result.heatmap = overlay(view, self.heatmap(view, batch, top))
+                result.heatmap = overlay(view, self.heatmap(batch, top))
         result.seconds = time.perf_counter() - started
         return result
 

@@ -109,7 +109,7 @@ def predictions_frame(predictions: list[Prediction]) -> pd.DataFrame:
 
 def predict(cfg: DictConfig) -> pd.DataFrame:
     predictor = load_model(
-        cfg.ckpt if cfg.ckpt else latest_checkpoint(Path(cfg.paths.log_dir)),
+        cfg.ckpt if cfg.ckpt is not None else latest_checkpoint(Path(cfg.paths.log_dir)),  # ckpt=[]: refused
         min_confidence=cfg.min_confidence,
         calibrated=cfg.calibrated,
         screening_rule=cfg.screening_rule,

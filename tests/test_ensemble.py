@@ -65,6 +65,7 @@ def test_the_ensemble_averages_the_members_calibrated_probabilities(members):
         ratio = np.mean([a.ood_score / a.ood_threshold for a in apart])
         assert together.ood_score == pytest.approx(ratio) and together.ood_threshold == 1.0
         assert together.heatmap is not None and together.heatmap.shape[2] == 3
+        assert not any("first member only" in w for w in together.warnings)  # same region: averaged
     from fetalbrain.data.images import read_grayscale
 
     batch = ensemble.batch_scores([read_grayscale(p) for p in REAL])  # evaluate's path: the same numbers
@@ -72,6 +73,25 @@ def test_the_ensemble_averages_the_members_calibrated_probabilities(members):
     assert batch.probs[0].max() == pytest.approx(first.confidence, abs=1e-4)
     assert batch.abnormal[0] == pytest.approx(first.abnormal_probability, abs=1e-4)
     assert batch.ood[0] == pytest.approx(first.ood_score, rel=1e-3)
+
+
+def test_the_heatmap_is_the_members_heatmaps_of_the_ensembles_class_averaged(members):
+    import cv2
+
+    from fetalbrain.data.images import read_grayscale
+    from fetalbrain.models.gradcam import overlay
+
+    ensemble = Ensemble(members)
+    result = ensemble.predict_file(REAL[1])
+    top = ensemble.class_names.index(result.label)
+    outputs = [m.image_outputs(read_grayscale(REAL[1])) for m in ensemble.members]
+    view = outputs[0][0]
+    cams = [
+        cv2.resize(m.heatmap(batch, top), (view.shape[1], view.shape[0]))
+        for m, (_, batch, _, _) in zip(ensemble.members, outputs)
+    ]
+    assert np.abs(result.heatmap.astype(int) - overlay(view, np.mean(cams, axis=0)).astype(int)).max() <= 1
+    assert np.abs(result.heatmap.astype(int) - overlay(view, cams[0]).astype(int)).max() > 1  # not one member's
 
 
 def test_an_ensemble_of_one_model_twice_is_that_model_calibration_included(members):
@@ -133,18 +153,36 @@ def test_evaluate_an_ensemble(members, sweep, tmp_path):
     assert "eval/ece" in result["metrics"] and "eval/ece_temperature_scaled" in result["not_computable"]
     assert "already the calibrated ones" in result["not_computable"]["eval/ece_temperature_scaled"]
     assert any("an ensemble of 2 checkpoints" in note for note in result["notes"])
+    report = (tmp_path / "e" / "report.md").read_text()
+    assert "- ensemble: 2 runs" in report and "already the calibrated ones" in report
 
 
 def test_predict_and_the_gui_offer_the_ensemble(members, sweep, tmp_path):
     out = tmp_path / "predictions.csv"
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("predict", overrides=[f"ckpt=[{members[0]},{members[1]}]", f"inputs={REAL[0]}", f"out={out}"])
+        empty = compose("predict", overrides=["ckpt=[]", f"inputs={REAL[0]}", f"out={out}"])
     frame = predict(cfg)
     expected = Ensemble(members, heatmaps=False).predict_file(REAL[0])
     assert frame.loc[0, "confidence"] == pytest.approx(expected.confidence)
-    gui = OmegaConf.create({"ckpt": None, "paths": {"log_dir": str(sweep)}})
-    choices = model_choices(gui)
-    ensembles = [label for label in choices if label.startswith("ensemble of 2")]
-    assert len(ensembles) == 1 and choices[ensembles[0]] == members and len(choices) == 3
+    with pytest.raises(ValueError, match=r"ckpt=\[\]: name at least one"):  # not "the newest run"
+        predict(empty)
     text = describe(Ensemble(members, heatmaps=False))
     assert "mean of the members' calibrated probabilities" in text and "Test metrics: the mean" in text
+
+
+def test_the_gui_lists_a_cross_validation_as_one_model_but_not_a_search(sweep, tmp_path):
+    """A sweep of one recipe on two folds is offered as an ensemble; the mixed sweep (two models) is not."""
+    from fetalbrain.train import train
+
+    folds = tmp_path / "folds"
+    for fold in (0, 1):
+        with train_config(folds / str(fold), [*TINY, "model=cnn", f"data.fold={fold}"]) as cfg:
+            train(cfg)
+    (folds / "multirun.yaml").write_text("hydra: {}\n")
+    choices = model_choices(OmegaConf.create({"ckpt": None, "paths": {"log_dir": str(tmp_path)}}))
+    ensembles = {label: paths for label, paths in choices.items() if label.startswith("ensemble of")}
+    assert len(ensembles) == 1 and len(choices) == 3
+    assert [p.parent.parent.name for p in next(iter(ensembles.values()))] == ["0", "1"]
+    mixed = model_choices(OmegaConf.create({"ckpt": None, "paths": {"log_dir": str(sweep)}}))
+    assert len(mixed) == 2 and not any(label.startswith("ensemble") for label in mixed)

@@ -12,7 +12,7 @@ PY=${PY:-.venv/bin/python}
 OUT=${OUT:-outputs/study/reproduction/runs}
 RESULTS=${RESULTS:-experiments/reproduction/results}
 PRESETS=${PRESETS:-reproduce_cnn,reproduce_separable,reproduce_efficientnet_lite0}
-SEEDS=${SEEDS:-1,2,3}
+SEEDS=${SEEDS:-42,1,2}   # 42: the seed of the committed table's runs
 PARALLEL=${PARALLEL:-2}
 TRAINER=${TRAINER:-cpu}
 export HF_HUB_OFFLINE=1 WANDB_MODE=offline NO_ALBUMENTATIONS_UPDATE=1

@@ -104,6 +104,10 @@ def tuning_log(tune_dir: Path, results: Path) -> None:
                 **{k: summary["metrics"].get(k) for k in ("val/f1_macro_best", "test/accuracy", "test/f1_macro")},
             }
         )
+        if rows[-1]["val/f1_macro_best"] is None:  # a run from before the summary kept it: its CSV log has it
+            logged = [pd.read_csv(f) for f in sorted(run.glob("csv/*/metrics.csv"))]
+            values = pd.concat(logged)["val/f1_macro"].dropna() if logged else pd.Series(dtype=float)
+            rows[-1]["val/f1_macro_best"] = values.max() if len(values) else None
     log = pd.DataFrame(rows).sort_values("run")
     log.to_csv(results / "tuning.csv", index=False, float_format="%.3f")
     lines = [

@@ -28,7 +28,7 @@ from fetalbrain.data.readers import DatasetError, detect_format, read_image_fold
 from fetalbrain.evaluation import calibration, plots
 from fetalbrain.evaluation.metrics import STAGE_METRICS
 from fetalbrain.evaluation.report import Predictions, per_class_table, predictions_table
-from fetalbrain.evaluation.screening import abnormal_scores, both_classes, operating_point
+from fetalbrain.evaluation.screening import both_classes, operating_point
 from fetalbrain.runs import CONFIG_FILE, SUMMARY_FILE, best_checkpoint, read_summary, run_directory, task_of
 
 FORMATS = ("auto", "roboflow", "folder", "unlabeled")
@@ -59,6 +59,7 @@ class RunChoices:
     ood_test_flag_rate: float | None = None  # the run's own test part flagged by its OOD detector
     notes: list[str] = field(default_factory=list)
     no_temperature: str = "needs the run's temperature, which was not found"  # why, when temperature is None
+    ensemble: str | None = None  # for several checkpoints: how their outputs and choices are combined
 
 
 def resolve_checkpoint(ckpt: str | Path) -> Path:
@@ -67,8 +68,8 @@ def resolve_checkpoint(ckpt: str | Path) -> Path:
     path = Path(ckpt)
     if path.suffix == ".onnx":
         raise ValueError(
-            f"ckpt={ckpt}: evaluate needs the run's checkpoint (.ckpt) or its run folder; an ONNX export carries "
-            "one screening threshold, not the run's metrics.json"
+            f"ckpt={ckpt}: an ONNX export carries one screening threshold, not its run's metrics.json; evaluate "
+            "needs the run's checkpoint (.ckpt) or its run folder"
         )
     if path.is_file():
         return path
@@ -78,7 +79,7 @@ def resolve_checkpoint(ckpt: str | Path) -> Path:
         raise FileNotFoundError(f"ckpt={ckpt}: a folder but not a finished run (no {SUMMARY_FILE}); pass a .ckpt")
     summary = read_summary(path)
     if task_of(summary) != "classification":
-        raise ValueError(f"ckpt={ckpt}: a {task_of(summary)} run; evaluate needs a classification run")
+        raise ValueError(f"ckpt={ckpt}: a {task_of(summary)} run, not a classification run")
     found = best_checkpoint(path, summary)
     if found is not None:
         return found
@@ -269,8 +270,9 @@ class Scorer:
     """Every number one set of predictions allows, computed the same way on the whole set (``score()``) and
     on each bootstrap resample (``score(index)``); ``not_computable`` says what the whole set does not allow.
 
-    ``probs`` are the model's own (uncalibrated) probabilities: the run chose its thresholds on those. The
-    run's temperature scales them for the calibrated ECE and NLL only. ``ood``: the run's OOD detector's scores of
+    ``probs`` are the model's own probabilities: a run's uncalibrated ones (it chose its thresholds on those; its
+    temperature scales them for the calibrated ECE and NLL only), or an ensemble's (its members' calibrated ones
+    averaged, with its own screening score ``abnormal``). ``ood``: the run's OOD detector's scores of
     the same images, in the same order."""
 
     def __init__(
@@ -581,7 +583,7 @@ def write_evaluation_report(
         )
         files.append("reliability.png")
         if scorer.normal is not None:
-            is_abnormal, score = abnormal_scores(probs, targets, scorer.normal)
+            is_abnormal, score = (targets != scorer.normal).astype(int), scorer.abnormal  # an ensemble's own score
             if both_classes(is_abnormal):
                 plots.screening_figure(is_abnormal, score, choices.thresholds, out_dir / "screening_roc.png")
                 files.append("screening_roc.png")
@@ -664,7 +666,9 @@ def markdown_report(summary: dict) -> str:
         "Research software, not a medical device and not for diagnosis.",
         "",
         f"- checkpoint: `{model['checkpoint']}` (integrity: {model['integrity']})",
-        f"- run: `{model['run_dir']}`" if model.get("run_dir") else "- run: not found",
+        f"- ensemble: {applied['ensemble']}"
+        if applied.get("ensemble")
+        else (f"- run: `{model['run_dir']}`" if model.get("run_dir") else "- run: not found"),
         f"- data: {data['format']} layout, parts {', '.join(data['parts'])}, {data['images']} images evaluated"
         + (f", {len(data['skipped_images'])} unreadable skipped" if data["skipped_images"] else "")
         + (f", {len(data['ignored_files'])} non-image files ignored" if data["ignored_files"] else ""),
@@ -677,7 +681,8 @@ def markdown_report(summary: dict) -> str:
     if applied["thresholds"]:
         lines.append(
             "Screening thresholds on the abnormal probability (1 - p(normal), uncalibrated as when chosen), "
-            f"chosen on the run's validation part, from `{applied['source']}`: "
+            + ("the mean of the members', each " if applied.get("ensemble") else "")
+            + f"chosen on the run's validation part, from `{applied['source']}`: "
             + ", ".join(f"{rule} {t:.6g}" for rule, t in applied["thresholds"].items())
             + "."
         )
@@ -686,11 +691,13 @@ def markdown_report(summary: dict) -> str:
     lines.append(
         f"Temperature {applied['temperature']:.4g} (`calibration/temperature`, fitted on the run's validation part)."
         if applied["temperature"] is not None
-        else "No temperature: the run recorded none."
+        else f"No temperature: {applied.get('no_temperature') or 'the run recorded none'}."
     )
     lines.append(f"Calibration bins: {applied['calibration_bins']}.")
     ood = applied.get("ood") or {}
-    if ood.get("threshold") is not None:
+    if ood.get("threshold") is not None and applied.get("ensemble"):
+        lines.append("OOD: each member's score over its own threshold (chosen on its validation part), averaged.")
+    elif ood.get("threshold") is not None:
         lines.append(f"OOD threshold {ood['threshold']:.4g} (`ood/threshold`, chosen on the run's validation part).")
     scored = [k for k in summary["scored"] if not k.startswith(f"{PREFIX}predicted/")]
     if scored:
