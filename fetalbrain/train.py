@@ -29,6 +29,7 @@ from fetalbrain import distributed
 from fetalbrain.card import write_model_card
 from fetalbrain.evaluation import baselines, external_check, ood
 from fetalbrain.evaluation.hierarchy import check_groups
+from fetalbrain.evaluation.report import check_options as check_report_options
 from fetalbrain.evaluation.screening import screening_rules
 from fetalbrain.resume import ReproducibleEpochs, resume_config
 from fetalbrain.runs import CONFIG_FILE, LAST_CHECKPOINT, SUMMARY_FILE, read_summary, run_summary, write_json
@@ -83,6 +84,8 @@ def build(cfg: DictConfig):
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
     model = build_model(cfg, datamodule)
+    if model.task == "classification" and cfg.get("evaluation") is not None:  # the classes are known now
+        check_report_options(cfg.evaluation, datamodule.class_names)
     loggers = instantiate_group(cfg.get("logger"), job_type=model.task)
     callbacks = [
         c for c in instantiate_group(cfg.get("callbacks")) if loggers or not isinstance(c, LearningRateMonitor)

@@ -10,7 +10,7 @@ from lightning.pytorch import Trainer
 from omegaconf import OmegaConf, open_dict
 
 from fetalbrain.models.classifier import Classifier
-from tests.conftest import CONF, train_config
+from tests.conftest import CONF, TINY, train_config
 
 CLASSES = [f"class-{i}" for i in range(4)]
 
@@ -145,3 +145,14 @@ def test_the_evaluation_check_reads_only_what_the_report_will(tmp_path):
     rule = ["evaluation.screening_min_sensitivity=0.9", "evaluation.external.rule=sensitivity_0.9"]
     with train_config(tmp_path, rule) as cfg:  # the rule's name follows the sensitivity target
         check_evaluation(cfg)
+
+
+def test_a_hierarchy_group_of_unknown_classes_fails_before_training(tmp_path):
+    """The groups' class names are checked as soon as the data are read, not by the report after training."""
+    import fetalbrain.train
+
+    group = "evaluation.hierarchy.groups.ventriculomegaly=[mild-ventriculomegaly,severe-ventricolomegaly]"
+    with train_config(tmp_path, [*TINY, group]) as cfg:
+        with pytest.raises(ValueError, match="evaluation.hierarchy.groups.ventriculomegaly: 'severe-ventricolomegaly'"):
+            fetalbrain.train.train(cfg)
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.json").exists()
