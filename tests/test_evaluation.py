@@ -192,6 +192,10 @@ def test_hierarchy_groups_are_checked_against_the_run_classes():
         check_groups({"ventriculomegaly": ["mild-ventriculomegaly", "severe-ventricolomegaly"]}, HIERARCHY_CLASSES)
     with pytest.raises(ValueError, match="evaluation.hierarchy.groups.cyst.*at least two"):
         check_groups({"cyst": ["arachnoid-cyst"]}, HIERARCHY_CLASSES)
+    other_dataset = {"other": ["a", "b"], **VENTRICULOMEGALY}
+    assert check_groups({"other": ["a", "b"]}, HIERARCHY_CLASSES) == {}  # none of its classes here: left out
+    assert "no other view" in hierarchy_report(np.eye(4), np.arange(4), HIERARCHY_CLASSES, {"other": ["a", "b"]})[1][0]
+    assert check_groups(other_dataset, HIERARCHY_CLASSES) == VENTRICULOMEGALY
     probs = np.eye(4)[[0, 3]]  # no ventriculomegaly image in test: the grade view is left out, with a note
     metrics, notes = hierarchy_report(probs, np.array([0, 3]), HIERARCHY_CLASSES, VENTRICULOMEGALY)
     assert "hierarchy/ventriculomegaly_merged_test_accuracy" in metrics

@@ -36,7 +36,8 @@ _GROUP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
 def check_groups(groups, class_names: list[str] | None) -> dict[str, list[str]]:
     """``evaluation.hierarchy.groups`` as plain lists, every name checked against the run's classes (``None``:
-    the shape only, before the data are read); a bad group is refused naming its key."""
+    the shape only, before the data are read); a bad group is refused naming its key. A group none of whose
+    classes the data have (another dataset) is left out; one with some unknown names is a typo, refused."""
     if groups is not None and not isinstance(groups, Mapping):
         raise ValueError(f"evaluation.hierarchy.groups={groups!r}: a mapping of group name to a list of classes")
     checked = {}
@@ -54,6 +55,8 @@ def check_groups(groups, class_names: list[str] | None) -> dict[str, list[str]]:
         if len(set(members)) < 2:
             raise ValueError(f"{key}={members}: a group needs at least two different classes")
         unknown = [m for m in members if class_names is not None and m not in class_names]
+        if unknown and len(unknown) == len(members):  # another dataset's classes: no such finding here
+            continue
         if unknown:
             raise ValueError(
                 f"{key}: {', '.join(map(repr, unknown))} not among this run's classes ({', '.join(class_names)}); "
@@ -79,10 +82,14 @@ def hierarchy_report(
     probs: np.ndarray, targets: np.ndarray, class_names: list[str], groups, out_dir: Path | None = None
 ) -> tuple[dict[str, float], list[str]]:
     """The views above for test probabilities and targets; writes ``hierarchy.csv`` into ``out_dir``."""
-    groups = check_groups(groups, class_names)
+    checked = check_groups(groups, class_names)
     n = len(class_names)
     predicted = probs.argmax(axis=1)
-    metrics, notes = {}, []
+    metrics, notes = (
+        {},
+        [f"no {name} view: the data have none of its classes" for name in groups or {} if name not in checked],
+    )
+    groups = checked
     rows = [_row("all classes", f"which of {n} classes", n, predicted, targets, n)]
     if NORMAL_CLASS in class_names:
         normal = class_names.index(NORMAL_CLASS)
