@@ -25,7 +25,7 @@ from fetalbrain.evaluation.metrics import SHOWN
 from fetalbrain.evaluation.ood import DETECTOR_FILE, OODDetector, features_and_logits
 from fetalbrain.integrity import sha256_file, verify_checkpoint
 from fetalbrain.models.gradcam import grad_cam, overlay
-from fetalbrain.models.tta import check_tta, mean_probability_logits, tta_views
+from fetalbrain.models.tta import check_tta, with_tta
 from fetalbrain.runs import SUMMARY_FILE, read_checkpoint, read_summary, run_directory
 
 log = logging.getLogger(__name__)
@@ -241,10 +241,10 @@ class Predictor:
 
     def _with_tta(self, batch: torch.Tensor, logits: np.ndarray) -> np.ndarray:
         """``logits`` of ``batch`` averaged as probabilities with those of ``self.tta``'s views (as in test)."""
-        if self.tta == "none":
-            return logits
-        views = [torch.as_tensor(logits), *(torch.as_tensor(self._net_logits(v)) for v in tta_views(batch, self.tta))]
-        return mean_probability_logits(views).numpy()
+        combined = with_tta(
+            lambda view: torch.as_tensor(self._net_logits(view)), batch, torch.as_tensor(logits), self.tta
+        )
+        return np.asarray(combined)
 
     def logits(self, batch: torch.Tensor) -> np.ndarray:
         return self._with_tta(batch, self._net_logits(batch))

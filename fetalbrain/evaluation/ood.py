@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from fetalbrain.data.transforms import inference_pipeline
-from fetalbrain.models.tta import mean_probability_logits, tta_views
+from fetalbrain.models.tta import with_tta
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +74,12 @@ def features_and_logits(model, batch: torch.Tensor) -> tuple[torch.Tensor, torch
     return captured[-1].float().cpu(), logits.float().cpu()
 
 
-def image_features(model, images: list[np.ndarray], batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+def image_features(
+    model, images: list[np.ndarray], batch_size: int = 64, tta: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """Penultimate features and logits of decoded grey images, through the run's inference preprocessing; with
-    ``model.tta`` the logits average the views as in the test report."""
+    ``model.tta`` the logits average the views as in the test report (``tta=False``: the plain pass only, for a
+    caller that uses the features alone)."""
     model.eval()
     prep = model.hparams.preprocessing
     transform = inference_pipeline(prep)
@@ -86,12 +89,10 @@ def image_features(model, images: list[np.ndarray], batch_size: int = 64) -> tup
         if prep["channels"] == 3:
             batch = batch.expand(-1, 3, -1, -1)
         f, lg = features_and_logits(model, batch.contiguous())
-        views = tta_views(batch, model.hparams.get("tta", "none"))
-        if views:  # logits as the test report's (its thresholds were chosen on them); features of the plain pass
+        if tta:  # logits as the test report's (its thresholds were chosen on them); features of the plain pass
             with torch.no_grad():
-                lg = mean_probability_logits(
-                    [lg, *(model(view.contiguous().to(model.device)).float().cpu() for view in views)]
-                )
+                forward = lambda view: model(view.contiguous().to(model.device)).float().cpu()  # noqa: E731
+                lg = with_tta(forward, batch, lg, model.hparams.get("tta", "none"))
         features.append(f)
         logits.append(lg)
     if not features:
@@ -364,7 +365,7 @@ def ood_report(model, datamodule, run_dir: Path, options, checkpoint: str | None
     parts = {part: datamodule.part_images(part) for part in ("train", "val", "test")}
     if len(parts["val"][1]) == 0 or len(parts["test"][1]) == 0:
         return {}, ["no validation or test images: no OOD detector (its threshold is chosen on validation)"], {}
-    features = {part: image_features(model, images) for part, (images, _) in parts.items()}
+    features = {part: image_features(model, images, tta=part == "test") for part, (images, _) in parts.items()}
     try:
         detector, val_scores = fit_detector(
             options.method,
@@ -385,7 +386,7 @@ def ood_report(model, datamodule, run_dir: Path, options, checkpoint: str | None
     ood = ood_images(options.images_per_kind, size, options.seed)
     corrupted = corrupted_images(test_images, options.images_per_kind, options.seed)
     ood_features, ood_logits = image_features(model, ood.images)
-    corrupted_features, _ = image_features(model, corrupted.images)
+    corrupted_features, _ = image_features(model, corrupted.images, tta=False)
     test_scores, ood_scores = detector.score(features["test"][0]), detector.score(ood_features)
     corrupted_scores = detector.score(corrupted_features) if len(corrupted) else np.zeros(0)
     ood_kinds, corrupted_kinds = np.asarray(ood.kinds), np.asarray(corrupted.kinds)

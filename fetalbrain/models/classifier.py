@@ -17,7 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from fetalbrain.evaluation.metrics import classification_metrics
 from fetalbrain.models.losses import check_loss_options, class_weights, classification_loss, log_prior
-from fetalbrain.models.tta import check_tta, mean_probability_logits, tta_views
+from fetalbrain.models.tta import check_tta, with_tta
 from fetalbrain.runs import Report, read_checkpoint
 
 log = logging.getLogger(__name__)
@@ -250,9 +250,7 @@ class Classifier(L.LightningModule):
     def predict_logits(self, images: torch.Tensor) -> torch.Tensor:
         """The logits of test and prediction: with ``model.tta``, of the views' averaged probabilities
         (``mean_probability_logits``). Validation during training (model selection) uses the plain forward."""
-        logits = self(images)
-        views = tta_views(images, self.hparams.tta)
-        return mean_probability_logits([logits, *(self(view) for view in views)]) if views else logits
+        return with_tta(self, images, self(images), self.hparams.tta)
 
     def _evaluate(self, batch, stage: str) -> None:
         images, targets = batch

@@ -3,7 +3,7 @@
 Its own module so that ``Predictor`` with an ONNX export uses it without importing Lightning."""
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -30,3 +30,11 @@ def mean_probability_logits(view_logits: Sequence[torch.Tensor]) -> torch.Tensor
         return view_logits[0]
     log_probs = torch.stack([logits.float().log_softmax(dim=1) for logits in view_logits])
     return log_probs.logsumexp(dim=0) - math.log(len(view_logits))
+
+
+def with_tta(forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, logits: torch.Tensor, tta: str):
+    """``logits`` (the plain pass over ``images``, already computed) averaged as probabilities with ``forward``'s
+    logits of the views ``tta`` adds; without views, ``logits`` as they are. The one place TTA is combined: the
+    test report, ``Predictor`` (PyTorch or ONNX) and the OOD and external checks all call it."""
+    views = tta_views(images, tta)
+    return mean_probability_logits([logits, *(forward(view) for view in views)]) if views else logits
