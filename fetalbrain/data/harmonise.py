@@ -254,17 +254,14 @@ def describe_harmonise(options: dict | None) -> str:
     return "harmonised: " + ", ".join(steps) if steps else "not harmonised (data/harmonise=none)"
 
 
-# What a checkpoint without ``harmonise`` in its preprocessing did: nothing. Mirrors conf/data/fetal_brain.yaml.
-HARMONISE_DEFAULTS = {
-    "remove_overlays": False,
-    "overlay_level": 245,
-    "overlay_max_area": 0.002,
-    "mask_outside_sector": False,
-    "crop_to_sector": False,
-    "sector_min_std": 3.0,
-    "sector_min_level": 6.0,
-    "sector_min_area": 0.25,
-    "vignette": None,
-    "intensity": "none",
-    "letterbox": False,
-}
+def _defaults() -> dict:
+    """``data/harmonise=none`` (every step off): what a checkpoint without ``harmonise`` in its preprocessing did,
+    and every key's default. Read from the config itself, so the two cannot drift apart."""
+    from omegaconf import OmegaConf
+
+    from fetalbrain import PROJECT_ROOT
+
+    return OmegaConf.to_container(OmegaConf.load(PROJECT_ROOT / "conf" / "data" / "harmonise" / "none.yaml"))
+
+
+HARMONISE_DEFAULTS = _defaults()
