@@ -83,6 +83,11 @@ def test_every_option_of_every_group_composes_and_instantiates(tmp_path, group):
                 instantiate(cfg.optimizer)(params=[torch.nn.Parameter(torch.zeros(1))])
             elif group == "trainer" and option in ("cpu", "default"):
                 assert isinstance(instantiate(cfg.trainer, logger=False), Trainer)
+            elif group == "hparams_search":  # the search space parses: every key a distribution or a fixed value
+                from hydra_plugins.fetalbrain_plugins.optuna_sweeper import search_space
+
+                space, _ = search_space(OmegaConf.to_container(cfg.hydra.sweeper.params), [])
+                assert {"optimizer.lr", "model.label_smoothing"} <= set(space), option
             elif group in ("callbacks", "logger"):
                 for entry in (cfg.get(group) or {}).values():
                     if entry:
