@@ -244,9 +244,7 @@ def external_report(
     notes = []
     if unreadable:
         table = table[~table["path"].isin([path for path, _ in unreadable])].reset_index(drop=True)
-        notes.append(
-            f"external normal check: {len(unreadable)} unreadable image(s) left out, e.g. {unreadable[0][1]}"
-        )
+        notes.append(f"external normal check: {len(unreadable)} unreadable image(s) left out, e.g. {unreadable[0][1]}")
         log.warning("External normal check: %s", notes[-1])
     if not images:
         return {}, [f"no external normal check: none of the images under {root} could be read", *notes], {}
