@@ -2,7 +2,6 @@
 on the official split the report holds the 1-NN pixel baseline, the leak it sees, and the hierarchical view."""
 
 import math
-from pathlib import Path
 
 import pytest
 from hydra.utils import instantiate
@@ -48,16 +47,22 @@ def test_a_preset_is_the_published_protocol_and_trains_a_batch(tmp_path, preset,
         assert trainer.global_step == 1 and math.isfinite(float(trainer.callback_metrics["train/loss"]))
 
 
-def test_the_pixel_baseline_sees_the_official_split_leak(datamodules):
+def test_the_pixel_baseline_sees_the_official_split_leak(tmp_path, datamodules):
     """1-NN on the official split's real images: many nearest training images are copies of the test image's
     source, and it scores far above chance; a grouped split shares no source."""
-    with train_config(Path("/tmp/unused"), ["experiment=reproduce_cnn", *TINY]) as cfg:
+    with train_config(tmp_path, ["experiment=reproduce_cnn", *TINY]) as cfg:
         datamodule = _datamodule(cfg, datamodules)
         options = cfg.evaluation.nearest_neighbour
     train, test = datamodule.preprocessed_images("train"), datamodule.preprocessed_images("test")
     tables = (datamodule.part_table("train"), datamodule.part_table("test"))
     metrics, _ = nearest_neighbour_report(train, test, datamodule.class_names, options, tables)
     assert metrics["baseline/nn1_test_same_source"] > 0.3 and metrics["baseline/nn1_test_accuracy"] > 0.4
+    with train_config(tmp_path, [*TINY]) as cfg:  # the default grouped split
+        grouped = _datamodule(cfg, datamodules)
+    parts = [grouped.preprocessed_images(part) for part in ("train", "test")]
+    tables = (grouped.part_table("train"), grouped.part_table("test"))
+    metrics, _ = nearest_neighbour_report(*parts, grouped.class_names, options, tables)
+    assert metrics["baseline/nn1_test_same_source"] == 0.0 and metrics["baseline/nn1_test_same_case"] == 0.0
 
 
 @pytest.mark.slow
