@@ -211,13 +211,16 @@ class Ensemble:
         normal = self.class_names.index(NORMAL_CLASS)
         return probs, np.mean([1.0 - softmax(z, 1.0)[:, normal] for z in logits], axis=0)
 
+    def _ood_score(self, member_scores: list) -> np.ndarray | None:
+        """The mean of each member's OOD score over its own threshold; None without detectors."""
+        if self.ood_detector is None:
+            return None
+        return np.mean([np.asarray(s) / m.ood_detector.threshold for s, m in zip(member_scores, self.members)], axis=0)
+
     def batch_scores(self, grays: list[np.ndarray]) -> BatchScores:
         outputs = [m.batch_outputs(grays) for m in self.members]
         probs, abnormal = self._combine([logits for logits, _ in outputs])
-        ood = None
-        if self.ood_detector is not None:
-            ood = np.mean([score / m.ood_detector.threshold for (_, score), m in zip(outputs, self.members)], axis=0)
-        return BatchScores(probs, abnormal, ood)
+        return BatchScores(probs, abnormal, self._ood_score([score for _, score in outputs]))
 
     def predict_file(self, path: str | Path, heatmap: bool | None = None) -> Prediction:
         started = time.perf_counter()
@@ -230,9 +233,7 @@ class Ensemble:
         outputs = [m.image_outputs(gray) for m in self.members]
         probs, abnormal = self._combine([logits for _, _, logits, _ in outputs])
         if self.ood_detector is not None:
-            result.ood_score = float(
-                np.mean([score / m.ood_detector.threshold for (*_, score), m in zip(outputs, self.members)])
-            )
+            result.ood_score = float(self._ood_score([score for *_, score in outputs]))
             result.ood_threshold = self.ood_detector.threshold
         else:
             result.ood_note = f"no OOD check: {self.ood_status}"

@@ -264,15 +264,16 @@ class Predictor:
         without a detector), all from one forward pass."""
         view = self.view(image=gray)["image"]
         batch = self.tensor(gray, view)
-        if self.ood_detector is None:
-            return view, batch, self.logits(batch), None
-        features, logits = self.features(batch)
-        return view, batch, logits, float(self.ood_detector.score(features)[0])
+        logits, ood = self._logits_and_ood(batch)
+        return view, batch, logits, None if ood is None else float(ood[0])
 
     def batch_outputs(self, grays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
         """Logits (with the run's TTA) and OOD scores (None without a detector) of decoded images, from one
         forward pass of the batch."""
-        batch = torch.cat([self.tensor(gray) for gray in grays])
+        return self._logits_and_ood(torch.cat([self.tensor(gray) for gray in grays]))
+
+    def _logits_and_ood(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits and, with a detector, OOD scores of preprocessed images from the same forward pass."""
         if self.ood_detector is None:
             return self.logits(batch), None
         features, logits = self.features(batch)

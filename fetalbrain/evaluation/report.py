@@ -152,7 +152,7 @@ def write_test_report(
 
 def check_options(options, class_names: list[str]) -> None:
     """Refuse bad ``evaluation.nearest_neighbour`` / ``evaluation.hierarchy`` settings by key (the groups' class
-    names against the run's classes). Cheap: call it as soon as the classes are known, not only after fit."""
+    names against the run's classes). ``train.build`` calls it as soon as the data are read, before fit."""
     if (options.get("nearest_neighbour") or {}).get("enabled"):
         baselines.check_options(options.nearest_neighbour)
     if (options.get("hierarchy") or {}).get("enabled"):
@@ -164,7 +164,6 @@ def classification_report(model, trainer, datamodule, run_dir: Path, options) ->
 
     The test metrics land in ``trainer.callback_metrics``; the report returns the ones it adds. Under DDP
     every rank tests its share, the classifier gathers the whole test set, and rank 0 alone writes."""
-    check_options(options, datamodule.class_names)
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     if not best:
         log.warning("No best checkpoint (no checkpoint callback or no validation): testing the last weights")
