@@ -29,7 +29,6 @@ from fetalbrain import distributed
 from fetalbrain.card import write_model_card
 from fetalbrain.evaluation import baselines, external_check, ood
 from fetalbrain.evaluation.hierarchy import check_groups
-from fetalbrain.evaluation.report import check_options as check_report_options
 from fetalbrain.evaluation.screening import screening_rules
 from fetalbrain.resume import ReproducibleEpochs, resume_config
 from fetalbrain.runs import CONFIG_FILE, LAST_CHECKPOINT, SUMMARY_FILE, read_summary, run_summary, write_json
@@ -84,8 +83,9 @@ def build(cfg: DictConfig):
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
     model = build_model(cfg, datamodule)
-    if model.task == "classification" and cfg.get("evaluation") is not None:  # the classes are known now
-        check_report_options(cfg.evaluation, datamodule.class_names)
+    hierarchy = (cfg.get("evaluation") or {}).get("hierarchy")
+    if model.task == "classification" and hierarchy is not None and hierarchy.get("enabled"):
+        check_groups(hierarchy.get("groups"), datamodule.class_names)  # their classes, now that the data are read
     loggers = instantiate_group(cfg.get("logger"), job_type=model.task)
     callbacks = [
         c for c in instantiate_group(cfg.get("callbacks")) if loggers or not isinstance(c, LearningRateMonitor)

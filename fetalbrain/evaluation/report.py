@@ -23,7 +23,7 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, r
 from fetalbrain.data.classes import NORMAL_CLASS, display_name
 from fetalbrain.evaluation import baselines, calibration, plots
 from fetalbrain.evaluation.external_check import external_report
-from fetalbrain.evaluation.hierarchy import check_groups, hierarchy_report
+from fetalbrain.evaluation.hierarchy import hierarchy_report
 from fetalbrain.evaluation.ood import DETECTOR_FILE, ood_report
 from fetalbrain.evaluation.screening import abnormal_scores, both_classes, screening_metrics
 from fetalbrain.evaluation.shortcut import shortcut_metrics
@@ -148,15 +148,6 @@ def write_test_report(
     else:
         notes.append(f"no '{NORMAL_CLASS}' class: no screening or shortcut check")
     return metrics, notes
-
-
-def check_options(options, class_names: list[str]) -> None:
-    """Refuse bad ``evaluation.nearest_neighbour`` / ``evaluation.hierarchy`` settings by key (the groups' class
-    names against the run's classes). ``train.build`` calls it as soon as the data are read, before fit."""
-    if (options.get("nearest_neighbour") or {}).get("enabled"):
-        baselines.check_options(options.nearest_neighbour)
-    if (options.get("hierarchy") or {}).get("enabled"):
-        check_groups(options.hierarchy.get("groups"), class_names)
 
 
 def classification_report(model, trainer, datamodule, run_dir: Path, options) -> Report:
