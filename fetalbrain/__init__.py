@@ -27,7 +27,7 @@ def _register_resolvers() -> None:
 def _run_dir(resume, new_run_dir: str) -> str:
     if resume is None:
         return new_run_dir
-    from fetalbrain.resume import check_resumable  # raises before Hydra creates or writes anything
+    from fetalbrain.runs.resume import check_resumable  # raises before Hydra creates or writes anything
 
     return os.path.abspath(check_resumable(str(resume)))
 
@@ -35,7 +35,7 @@ def _run_dir(resume, new_run_dir: str) -> str:
 def _hydra_subdir(resume, ckpt_path, output_dir: str) -> str | None:
     """Keep the .hydra/ a run wrote: when resuming it, and when a sweep job's folder already holds a run
     (a sweep run again into its folder, a requeued cluster job; see ``resume.resume_config``)."""
-    from fetalbrain.runs import CONFIG_FILE
+    from fetalbrain.runs.layout import CONFIG_FILE
 
     resuming = resume is not None or ckpt_path == "last" or (Path(output_dir) / CONFIG_FILE).is_file()
     return None if resuming else ".hydra"

@@ -19,11 +19,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from fetalbrain.data.classes import display_name
 from fetalbrain.data.harmonise import describe_harmonise
-from fetalbrain.ensemble import Ensemble, load_model, model_paths
-from fetalbrain.evaluation.external_check import DEFAULT_WARN_BELOW, PREFIX, describe_external
-from fetalbrain.inference import NOT_ULTRASOUND, Prediction, Predictor
-from fetalbrain.predict import predictions_frame
-from fetalbrain.runs import CONFIG_FILE, SUMMARY_FILE, available_runs, read_summary, run_directory
+from fetalbrain.evaluation.external_normals import DEFAULT_WARN_BELOW, PREFIX, describe_external
+from fetalbrain.inference.ensemble import Ensemble, load_model
+from fetalbrain.inference.predictor import NOT_ULTRASOUND, Prediction, Predictor, predictions_frame
+from fetalbrain.runs.checkpoints import available_runs, model_paths, run_directory
+from fetalbrain.runs.layout import CONFIG_FILE, SUMMARY_FILE, read_summary
 
 DISCLAIMER = (
     "> **Research tool, not a medical device.** Not validated for diagnosis or clinical decisions. "

@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from fetalbrain.evaluation.ood import penultimate_features  # noqa: E402
-from fetalbrain.train import build_model  # noqa: E402
+from fetalbrain.training.fit import build_model  # noqa: E402
 
 log = logging.getLogger(__name__)
 

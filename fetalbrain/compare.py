@@ -32,7 +32,7 @@ from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score 
 from fetalbrain.evaluation.intervals import mean_interval  # noqa: E402
 from fetalbrain.evaluation.metrics import COMPARED  # noqa: E402
 from fetalbrain.evaluation.plots import confusion_matrix_figure  # noqa: E402
-from fetalbrain.runs import CONFIG_FILE, DEFAULT_LOG_DIR, find_runs, flatten_config, read_summary  # noqa: E402
+from fetalbrain.runs.layout import CONFIG_FILE, DEFAULT_LOG_DIR, find_runs, flatten_config, read_summary  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def classification_runs(directories: list[Path]) -> list[Path]:
 def wandb_group_of(run: Path) -> str | None:
     """The W&B group a run folder's run was logged under: as recorded beside its W&B run id, else
     ``logger.wandb.group`` of its resolved config."""
-    from fetalbrain.tracking import WANDB_RUN_FILE  # here: only --group needs it
+    from fetalbrain.training.tracking import WANDB_RUN_FILE  # here: only --group needs it
 
     record = run / WANDB_RUN_FILE
     recorded = json.loads(record.read_text()).get("group") if record.is_file() else None
@@ -168,7 +168,7 @@ def wandb_runs(path: str, group: str | None = None) -> list[dict]:
 def read_runs(directories: list[Path], wandb_source: str | None = None, group: str | None = None) -> tuple:
     """(records, where they came from): W&B when a source is given and W&B is online, else run folders."""
     if wandb_source:
-        from fetalbrain.tracking import resolve_mode
+        from fetalbrain.training.tracking import resolve_mode
 
         mode = resolve_mode("auto")
         if mode == "online":
@@ -291,7 +291,7 @@ def comparison_figure(summary: pd.DataFrame, path: Path) -> None:
 def log_to_wandb(table: pd.DataFrame, figure: Path, mode: str, project: str, out: Path) -> None:
     import wandb
 
-    from fetalbrain.tracking import resolve_mode
+    from fetalbrain.training.tracking import resolve_mode
 
     run = wandb.init(project=project, job_type="compare", mode=resolve_mode(mode), dir=str(out))
     try:

@@ -27,19 +27,17 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from fetalbrain.data.classes import display_name
+from fetalbrain.data.evaluation_data import EvaluationData, read_evaluation_data
 from fetalbrain.data.images import ImageReadError, read_image
 from fetalbrain.data.readers import DatasetError
-from fetalbrain.ensemble import Ensemble, model_paths
-from fetalbrain.evaluation.external import (
-    EvaluationData,
-    OODScores,
-    markdown_report,
-    read_evaluation_data,
-    run_choices,
-    write_evaluation_report,
-)
-from fetalbrain.inference import BatchScores, Predictor
-from fetalbrain.runs import SUMMARY_FILE, latest_checkpoint, write_json
+from fetalbrain.evaluation.any_dataset.markdown import markdown_report
+from fetalbrain.evaluation.any_dataset.report import write_evaluation_report
+from fetalbrain.evaluation.any_dataset.scoring import OODScores
+from fetalbrain.inference.ensemble import Ensemble
+from fetalbrain.inference.predictor import BatchScores, Predictor
+from fetalbrain.runs.checkpoints import latest_checkpoint, model_paths
+from fetalbrain.runs.choices import run_choices
+from fetalbrain.runs.layout import SUMMARY_FILE, write_json
 
 log = logging.getLogger(__name__)
 BAD_IMAGE_CHOICES = ("error", "skip")

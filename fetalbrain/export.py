@@ -13,10 +13,10 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from fetalbrain.inference import ONNX_METADATA_KEY, deployment_metadata
-from fetalbrain.integrity import verify_checkpoint
+from fetalbrain.inference.predictor import ONNX_METADATA_KEY, deployment_metadata
 from fetalbrain.models.classifier import load_classifier
-from fetalbrain.runs import latest_checkpoint, read_checkpoint, run_directory
+from fetalbrain.runs.checkpoints import latest_checkpoint, read_checkpoint, run_directory
+from fetalbrain.runs.integrity import verify_checkpoint
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 

@@ -21,9 +21,10 @@ from PIL import Image
 
 from fetalbrain.data.classes import display_name
 from fetalbrain.data.synthetic import GENERATOR_TRAIN_IMAGES, MANIFEST_CSV, MANIFEST_JSON
-from fetalbrain.integrity import sha256_file, verify_checkpoint
 from fetalbrain.models.gan import TRAIN_IMAGES_FILE, load_gan
-from fetalbrain.runs import latest_checkpoint, read_summary, run_directory, write_json
+from fetalbrain.runs.checkpoints import latest_checkpoint, run_directory
+from fetalbrain.runs.integrity import sha256_file, verify_checkpoint
+from fetalbrain.runs.layout import read_summary, write_json
 
 log = logging.getLogger(__name__)
 

@@ -38,9 +38,9 @@ from fetalbrain.evaluation.synthetic import (
     memorisation,
     per_class_quality,
 )
-from fetalbrain.integrity import verify_checkpoint
 from fetalbrain.models.classifier import load_classifier
-from fetalbrain.runs import CONFIG_FILE, read_summary, write_json
+from fetalbrain.runs.integrity import verify_checkpoint
+from fetalbrain.runs.layout import CONFIG_FILE, read_summary, write_json
 
 log = logging.getLogger(__name__)
 # torchmetrics' Inception features need torch-fidelity and weights downloaded from GitHub: not offline.

@@ -112,7 +112,7 @@ def train_config(output_dir: Path, overrides: list[str] = ()):
 @pytest.fixture(scope="session")
 def trained_checkpoint(tmp_path_factory) -> Path:
     """A tiny EfficientNet-Lite0 run on the embedded data: checkpoint plus its run directory."""
-    from fetalbrain.train import train
+    from fetalbrain.training.fit import train
 
     run_dir = tmp_path_factory.mktemp("run")
     overrides = [

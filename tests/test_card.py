@@ -13,9 +13,10 @@ import pytest
 import torch
 import yaml
 
-from fetalbrain.card import main, write_model_card
+from fetalbrain.card import main
 from fetalbrain.compare import summarise
-from fetalbrain.integrity import CheckpointIntegrityError, find_card, sha256_file, verify_checkpoint
+from fetalbrain.evaluation.model_card import write_model_card
+from fetalbrain.runs.integrity import CheckpointIntegrityError, find_card, sha256_file, verify_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -227,7 +228,7 @@ def test_verify_checkpoint(tmp_path, caplog, capsys):
     run = make_run(tmp_path / "run")
     best = run / "checkpoints" / "epoch_003.ckpt"
     assert find_card(best) is None
-    with caplog.at_level(logging.WARNING, logger="fetalbrain.integrity"):
+    with caplog.at_level(logging.WARNING, logger="fetalbrain.runs.integrity"):
         assert verify_checkpoint(best) == "no card"
     assert "could not be verified" in caplog.text and "epoch_003.ckpt" in caplog.text
     write_model_card(run)

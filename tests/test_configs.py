@@ -104,7 +104,7 @@ def test_unknown_keys_and_options_are_rejected_by_name(tmp_path):
 
 
 def test_a_bad_value_fails_at_build_time_naming_the_option(tmp_path):
-    from fetalbrain.train import build
+    from fetalbrain.training.fit import build
 
     with train_config(tmp_path, ["data.splitter=random", "logger=none"]) as cfg:
         with pytest.raises(ValueError, match="data.splitter='random'"):
@@ -123,20 +123,22 @@ def test_a_bad_value_fails_at_build_time_naming_the_option(tmp_path):
 )
 def test_bad_evaluation_settings_fail_before_anything_is_built(tmp_path, monkeypatch, override):
     """The report reads evaluation.ood and evaluation.external after training; train() refuses them at once."""
-    import fetalbrain.train
+    import fetalbrain.training.fit
 
-    monkeypatch.setattr(fetalbrain.train, "build", lambda cfg: pytest.fail("built and trained despite " + override))
+    monkeypatch.setattr(
+        fetalbrain.training.fit, "build", lambda cfg: pytest.fail("built and trained despite " + override)
+    )
     key = override.split("=")[0]
     with train_config(tmp_path, [override, "logger=none"]) as cfg:
         with pytest.raises(ValueError, match=f"^{re.escape(key)}="):
-            fetalbrain.train.train(cfg)
+            fetalbrain.training.fit.train(cfg)
     assert not list(tmp_path.iterdir())  # not even the run's config.yaml
 
 
 def test_the_evaluation_check_reads_only_what_the_report_will(tmp_path):
     """A generator writes no classification report, a switched-off check reads no settings, and the config of a run
     from before the checks existed (a resumed run keeps its config) has none: nothing to refuse."""
-    from fetalbrain.train import check_evaluation
+    from fetalbrain.training.fit import check_evaluation
 
     bad = ["evaluation.ood.method=foo", "evaluation.external.rule=foo"]
     with train_config(tmp_path, ["model=wgan_gp", *bad]) as cfg:
@@ -154,10 +156,10 @@ def test_the_evaluation_check_reads_only_what_the_report_will(tmp_path):
 
 def test_a_hierarchy_group_of_unknown_classes_fails_before_training(tmp_path):
     """The groups' class names are checked as soon as the data are read, not by the report after training."""
-    import fetalbrain.train
+    import fetalbrain.training.fit
 
     group = "evaluation.hierarchy.groups.ventriculomegaly=[mild-ventriculomegaly,severe-ventricolomegaly]"
     with train_config(tmp_path, [*TINY, group]) as cfg:
         with pytest.raises(ValueError, match="evaluation.hierarchy.groups.ventriculomegaly: 'severe-ventricolomegaly'"):
-            fetalbrain.train.train(cfg)
+            fetalbrain.training.fit.train(cfg)
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.json").exists()

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from fetalbrain.evaluation.metrics import classification_metrics
 from fetalbrain.models.classifier import load_classifier
-from fetalbrain.train import build
+from fetalbrain.training.fit import build
 from tests.conftest import TINY, make_export, train_config, write_split_csv
 from tests.test_resume import train_cli
 

@@ -12,11 +12,12 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from fetalbrain.app import describe, model_choices
-from fetalbrain.ensemble import Ensemble, load_model, model_paths
 from fetalbrain.evaluate import evaluate
 from fetalbrain.evaluation.calibration import expected_calibration_error
-from fetalbrain.inference import Predictor
+from fetalbrain.inference.ensemble import Ensemble, load_model
+from fetalbrain.inference.predictor import Predictor
 from fetalbrain.predict import predict
+from fetalbrain.runs.checkpoints import model_paths
 from tests.conftest import CONF, DATA, TINY, train_config
 
 REAL = sorted(DATA.glob("test/*.jpg"))[:6]
@@ -25,7 +26,7 @@ REAL = sorted(DATA.glob("test/*.jpg"))[:6]
 @pytest.fixture(scope="module")
 def sweep(trained_checkpoint, tmp_path_factory) -> Path:
     """A sweep folder as Hydra multirun writes it: the Lite0 run and a tiny CNN run (with its OOD detector)."""
-    from fetalbrain.train import train
+    from fetalbrain.training.fit import train
 
     folder = tmp_path_factory.mktemp("sweep")
     shutil.copytree(trained_checkpoint.parent.parent, folder / "0")
@@ -110,7 +111,7 @@ def test_an_ensemble_of_one_model_twice_is_that_model_calibration_included(membe
 
 
 def test_members_must_share_their_classes(members, tmp_path, monkeypatch):
-    import fetalbrain.ensemble
+    import fetalbrain.inference.ensemble
 
     class OtherOrder(Predictor):  # the second run's classes in another order
         def __init__(self, path, *args, **kwargs):
@@ -118,7 +119,7 @@ def test_members_must_share_their_classes(members, tmp_path, monkeypatch):
             if path == members[1]:
                 self.class_names = list(reversed(self.class_names))
 
-    monkeypatch.setattr(fetalbrain.ensemble, "Predictor", OtherOrder)
+    monkeypatch.setattr(fetalbrain.inference.ensemble, "Predictor", OtherOrder)
     with pytest.raises(ValueError, match=f"ckpt: {members[1]} has classes .* must share their classes"):
         Ensemble(members)
     with pytest.raises(ValueError, match=r"checkpoints \(.ckpt\), not ONNX"):
@@ -173,7 +174,7 @@ def test_predict_and_the_gui_offer_the_ensemble(members, sweep, tmp_path):
 
 def test_the_gui_lists_a_cross_validation_as_one_model_but_not_a_search(sweep, tmp_path):
     """A sweep of one recipe on two folds is offered as an ensemble; the mixed sweep (two models) is not."""
-    from fetalbrain.train import train
+    from fetalbrain.training.fit import train
 
     folds = tmp_path / "folds"
     for fold in (0, 1):

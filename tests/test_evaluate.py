@@ -14,13 +14,13 @@ from hydra.core.global_hydra import GlobalHydra
 from PIL import Image
 
 import fetalbrain.evaluate
+from fetalbrain.data.evaluation_data import UnknownClassError
 from fetalbrain.evaluate import evaluate
 from fetalbrain.evaluation.calibration import fit_temperature
-from fetalbrain.evaluation.external import UnknownClassError
 from fetalbrain.evaluation.ood import DETECTOR_FILE
 from fetalbrain.evaluation.ood_images import package_file
 from fetalbrain.evaluation.screening import youden_threshold
-from fetalbrain.inference import Predictor
+from fetalbrain.inference.predictor import Predictor
 from fetalbrain.predict import predict
 from tests.conftest import CONF, DATA, bad_files, read_split_csv, write_split_csv
 

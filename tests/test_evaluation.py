@@ -8,9 +8,9 @@ from fetalbrain.evaluation.calibration import (
     expected_calibration_error,
     fit_temperature,
 )
-from fetalbrain.evaluation.report import per_class_table
 from fetalbrain.evaluation.screening import screening_metrics
 from fetalbrain.evaluation.shortcut import shortcut_metrics
+from fetalbrain.evaluation.test_report import per_class_table
 
 RNG = np.random.default_rng(0)
 

@@ -12,18 +12,16 @@ from PIL import Image
 from fetalbrain.app import describe
 from fetalbrain.compare import compare
 from fetalbrain.data.compact import main as compact_main
-from fetalbrain.data.readers import DatasetError
-from fetalbrain.evaluation.external_check import (
+from fetalbrain.data.readers import LABELS_CSV, DatasetError, read_labelled_folder
+from fetalbrain.evaluation.external_normals import (
     CSV_FILE,
     FIGURE_FILE,
-    LABELS_CSV,
     describe_external,
     external_report,
-    read_labelled_folder,
     subject_bootstrap,
 )
 from fetalbrain.evaluation.metrics import COMPARED
-from fetalbrain.inference import Predictor
+from fetalbrain.inference.predictor import Predictor
 from tests.conftest import CONF, ROOT
 
 SHIPPED = ROOT / "data" / "hc18-normal-heads"
@@ -118,7 +116,7 @@ def test_an_unreadable_external_image_is_left_out_and_named(run, trained_checkpo
     import shutil
 
     from fetalbrain.models.classifier import load_classifier
-    from fetalbrain.runs import read_checkpoint
+    from fetalbrain.runs.checkpoints import read_checkpoint
 
     folder = tmp_path / "heads"
     (folder / "images").mkdir(parents=True)

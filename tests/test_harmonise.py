@@ -104,7 +104,7 @@ def test_bad_harmonise_settings_name_the_key():
 
 @pytest.fixture(scope="module")
 def harmonised_run(tmp_path_factory):
-    from fetalbrain.train import train
+    from fetalbrain.training.fit import train
 
     run_dir = tmp_path_factory.mktemp("harmonised")
     with train_config(run_dir, [*TINY, "model=cnn", ANATOMY]) as cfg:
@@ -114,7 +114,7 @@ def harmonised_run(tmp_path_factory):
 
 def test_the_harmonised_pipeline_gives_identical_tensors_in_training_predict_and_onnx(harmonised_run, tmp_path):
     from fetalbrain.export import export
-    from fetalbrain.inference import Predictor
+    from fetalbrain.inference.predictor import Predictor
 
     checkpoint, datamodule, summary = harmonised_run
     stored = torch.load(checkpoint, map_location="cpu", weights_only=True)["hyper_parameters"]["preprocessing"]

@@ -18,9 +18,9 @@ from fetalbrain.data.classes import DISPLAY_NAMES
 from fetalbrain.data.images import read_grayscale
 from fetalbrain.evaluation.calibration import softmax
 from fetalbrain.export import export
-from fetalbrain.inference import Predictor
+from fetalbrain.inference.predictor import Predictor
 from fetalbrain.predict import predict
-from fetalbrain.runs import latest_checkpoint
+from fetalbrain.runs.checkpoints import latest_checkpoint
 from tests.conftest import CONF, DATA, bad_files, run_cli
 
 REAL = sorted(DATA.glob("test/*.jpg"))[:8]
@@ -163,7 +163,7 @@ def test_export_command_line_and_default_checkpoint(trained_checkpoint, tmp_path
 
 
 def test_a_changed_checkpoint_is_refused_unless_verification_is_off(trained_checkpoint, tmp_path):
-    from fetalbrain.integrity import CheckpointIntegrityError
+    from fetalbrain.runs.integrity import CheckpointIntegrityError
 
     run = tmp_path / "run"
     shutil.copytree(trained_checkpoint.parent.parent, run)

@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from fetalbrain.data.tta import mean_probability_logits
 from fetalbrain.evaluation.calibration import apply_temperature, softmax
 from fetalbrain.models.classifier import Classifier, cosine_with_warmup
 from fetalbrain.models.losses import class_weights, classification_loss, log_prior
-from fetalbrain.models.tta import mean_probability_logits
-from fetalbrain.train import build
+from fetalbrain.training.fit import build
 from tests.conftest import TINY, train_config
 
 CLASSES = [f"class{i}" for i in range(5)]
@@ -188,7 +188,7 @@ def test_tta_flip_averages_the_probabilities_of_the_image_and_its_mirror():
 
 def test_predictor_applies_tta_to_the_checkpoint_and_its_onnx_export(trained_checkpoint, tmp_path):
     from fetalbrain.export import export
-    from fetalbrain.inference import Predictor
+    from fetalbrain.inference.predictor import Predictor
 
     plain = Predictor(trained_checkpoint, calibrated=False, ood=False)
     assert plain.tta == plain.card["tta"] == "none"  # the run's own setting by default

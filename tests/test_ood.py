@@ -15,7 +15,7 @@ from PIL import Image
 from fetalbrain.app import respond, summarise
 from fetalbrain.evaluation.ood import DETECTOR_FILE, OODDetector, OODDetectorError, check_options, fit_detector
 from fetalbrain.evaluation.ood_images import CORRUPTIONS, OOD_KINDS, corrupted_images, ood_images, package_file
-from fetalbrain.inference import NOT_ULTRASOUND, Predictor
+from fetalbrain.inference.predictor import NOT_ULTRASOUND, Predictor
 from fetalbrain.predict import predict
 from tests.conftest import CONF, DATA
 

@@ -20,7 +20,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 
 # Read the sweeper's names through the module: Hydra's plugin scan executes it again, rebinding its classes.
 import hydra_plugins.fetalbrain_plugins.optuna_sweeper as sweeper_module
-from fetalbrain.pruning import StudyStorageError, display_storage, open_storage
+from fetalbrain.training.pruning import StudyStorageError, display_storage, open_storage
 from tests.conftest import CONF, ROOT, TINY, run_cli
 
 SWEEP = ["hparams_search=optuna", *TINY, "model=cnn"]

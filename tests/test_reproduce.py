@@ -8,7 +8,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from fetalbrain.evaluation.baselines import nearest_neighbour_report
-from fetalbrain.train import build_model
+from fetalbrain.training.fit import build_model
 from tests.conftest import CONF, TINY, train_config
 
 PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("reproduce_*.yaml"))
@@ -67,7 +67,7 @@ def test_the_pixel_baseline_sees_the_official_split_leak(tmp_path, datamodules):
 
 @pytest.mark.slow
 def test_a_reproduction_run_reports_the_baseline_and_the_hierarchy(tmp_path):
-    from fetalbrain.train import train
+    from fetalbrain.training.fit import train
 
     with train_config(tmp_path, ["experiment=reproduce_cnn", *TINY]) as cfg:
         summary, _ = train(cfg)

@@ -14,10 +14,11 @@ from lightning.pytorch import Callback
 from torch.utils.data import DataLoader
 
 import fetalbrain.train
+import fetalbrain.training.fit
 from fetalbrain.data.datamodule import UltrasoundDataset
-from fetalbrain.resume import ResumeError
-from fetalbrain.runs import LAST_CHECKPOINT
-from fetalbrain.tracking import WANDB_RUN_FILE
+from fetalbrain.runs.layout import LAST_CHECKPOINT
+from fetalbrain.runs.resume import ResumeError
+from fetalbrain.training.tracking import WANDB_RUN_FILE
 from tests.conftest import CONF, TINY
 
 EPOCHS, KILLED_AT = 3, 2  # trained: epochs 0 and 1, then killed as epoch 2 starts
@@ -83,7 +84,7 @@ def test_a_killed_run_resumed_in_place_ends_like_the_uninterrupted_run(tmp_path,
     run = [o for o in RUN if not o.startswith("data.num_workers=")] + [f"data.num_workers={workers}"]
     train_cli(monkeypatch, f"hydra.run.dir={full}", *run)
 
-    build = fetalbrain.train.build
+    build = fetalbrain.training.fit.build
 
     def build_then_kill(cfg):
         datamodule, model, trainer = build(cfg)
@@ -91,7 +92,7 @@ def test_a_killed_run_resumed_in_place_ends_like_the_uninterrupted_run(tmp_path,
         return datamodule, model, trainer
 
     with monkeypatch.context() as patch:
-        patch.setattr(fetalbrain.train, "build", build_then_kill)
+        patch.setattr(fetalbrain.training.fit, "build", build_then_kill)
         with pytest.raises(Killed):
             train_cli(patch, f"hydra.run.dir={killed}", *run)
     assert not (killed / "metrics.json").exists()
@@ -193,7 +194,7 @@ def test_a_sweep_started_again_skips_finished_jobs_and_continues_the_killed_one(
     sweep = tmp_path / "sweep"
     arguments = ["-m", "seed=1,2", *(o for o in RUN if not o.startswith(("seed=", "logger="))), "logger=none"]
     arguments.append(f"hydra.sweep.dir={sweep}")
-    build = fetalbrain.train.build
+    build = fetalbrain.training.fit.build
 
     def kill_seed_2(cfg):
         datamodule, model, trainer = build(cfg)
@@ -202,7 +203,7 @@ def test_a_sweep_started_again_skips_finished_jobs_and_continues_the_killed_one(
         return datamodule, model, trainer
 
     with monkeypatch.context() as patch:
-        patch.setattr(fetalbrain.train, "build", kill_seed_2)
+        patch.setattr(fetalbrain.training.fit, "build", kill_seed_2)
         with pytest.raises(Killed):
             train_cli(patch, *arguments)
     finished, killed = sweep / "0", sweep / "1"

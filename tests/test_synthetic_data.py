@@ -18,7 +18,7 @@ from fetalbrain.data.images import read_grayscale
 from fetalbrain.data.synthetic import SyntheticLeakError
 from fetalbrain.generate import generate
 from fetalbrain.synth_quality import evaluate_quality
-from fetalbrain.train import train
+from fetalbrain.training.fit import train
 from tests.conftest import CONF, TINY, make_export, run_cli, train_config
 
 GAN = [
@@ -176,7 +176,7 @@ def test_a_diverged_generator_keeps_its_record_of_seen_images(small_root, tmp_pa
 
 
 def test_a_changed_generator_checkpoint_is_refused(generator_run, tmp_path):
-    from fetalbrain.integrity import CheckpointIntegrityError
+    from fetalbrain.runs.integrity import CheckpointIntegrityError
 
     run = tmp_path / "run"
     shutil.copytree(generator_run[0], run)

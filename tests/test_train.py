@@ -9,8 +9,8 @@ from hydra.types import RunMode
 from omegaconf import read_write
 
 from fetalbrain.models.classifier import load_classifier
-from fetalbrain.tracking import finish_tracking
-from fetalbrain.train import train
+from fetalbrain.training.fit import train
+from fetalbrain.training.tracking import finish_tracking
 from tests.conftest import TINY, train_config
 
 REPORT_FILES = (

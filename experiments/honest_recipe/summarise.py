@@ -25,7 +25,7 @@ import pandas as pd
 import yaml
 
 from fetalbrain.evaluation.intervals import mean_interval
-from fetalbrain.runs import find_runs, read_summary
+from fetalbrain.runs.layout import find_runs, read_summary
 
 BASE = "default"
 FOLD = re.compile(r"data.fold=\d+ ?")

@@ -21,7 +21,7 @@ import pandas as pd
 import yaml
 
 from fetalbrain.evaluation.intervals import mean_interval
-from fetalbrain.runs import find_runs, read_summary
+from fetalbrain.runs.layout import find_runs, read_summary
 
 HERE = Path(__file__).resolve().parent
 MAIN = {

@@ -23,8 +23,8 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 
 from fetalbrain.data.images import read_grayscale  # noqa: E402
 from fetalbrain.data.transforms import preprocessing  # noqa: E402
-from fetalbrain.inference import Predictor  # noqa: E402
-from fetalbrain.runs import find_runs, read_summary  # noqa: E402
+from fetalbrain.inference.predictor import Predictor  # noqa: E402
+from fetalbrain.runs.layout import find_runs, read_summary  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "data" / "fetal-brain-ultrasound"

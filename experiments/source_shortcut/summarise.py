@@ -12,7 +12,7 @@ import pandas as pd
 import yaml
 
 from fetalbrain.evaluation.intervals import mean_interval
-from fetalbrain.runs import find_runs, read_summary
+from fetalbrain.runs.layout import find_runs, read_summary
 
 METRICS = {  # metrics.json key -> column title
     "test/f1_macro": "macro-F1",

@@ -3,7 +3,7 @@
 import sys
 from pathlib import Path
 
-from fetalbrain.runs import find_runs, read_summary
+from fetalbrain.runs.layout import find_runs, read_summary
 
 sweep, model, mix, what = sys.argv[1:5]
 for run in find_runs([Path(sweep)], task="classification"):

@@ -84,7 +84,7 @@ def fit_longest_side(width: int, height: int, size: int) -> tuple[int, int]:
 def compact_labelled_folder(src: Path, dst: Path, size: int = 256, quality: int = 90) -> int:
     """Re-encode every image ``src/labels.csv`` lists into ``dst/images/`` as grey JPEG, the longest side ``size``
     (aspect ratio kept); copy ``labels.csv`` byte for byte. Returns the number of images written."""
-    from fetalbrain.evaluation.external_check import IMAGES_DIR, LABELS_CSV, read_labelled_folder
+    from fetalbrain.data.readers import IMAGES_DIR, LABELS_CSV, read_labelled_folder
 
     table = read_labelled_folder(src)  # refuses a missing CSV, column or listed file before anything is written
     if not (src / "PROVENANCE.md").is_file():
@@ -113,7 +113,7 @@ def _span(values) -> str:
 def _write_labelled_provenance(src: Path, dst: Path, table, shapes: list, size: int, quality: int) -> None:
     """The copy's PROVENANCE.md: what was done here, then the source's own PROVENANCE.md (its attribution and
     licence, and the changes made before) verbatim."""
-    from fetalbrain.evaluation.external_check import LABELS_CSV
+    from fetalbrain.data.readers import LABELS_CSV
 
     original = src / "PROVENANCE.md"
     before, after = zip(*shapes)
@@ -146,7 +146,7 @@ def _write_labelled_provenance(src: Path, dst: Path, table, shapes: list, size: 
 
 
 def detect_layout(src: Path) -> str:
-    from fetalbrain.evaluation.external_check import LABELS_CSV
+    from fetalbrain.data.readers import LABELS_CSV
 
     return "labelled" if (src / LABELS_CSV).is_file() else "roboflow"
 

@@ -135,3 +135,48 @@ def read_image_folder(root: Path) -> tuple[pd.DataFrame, list[str]]:
                 raise DatasetError(f"{class_dir}: empty class folder (no {'/'.join(IMAGE_EXTENSIONS)} files)")
             rows += [{"path": str(p), "label": class_dir.name, "split": split} for p in images]
     return pd.DataFrame(rows, columns=["path", "label", "split"]), classes
+
+
+LABELS_CSV = "labels.csv"
+
+
+IMAGES_DIR = "images"
+
+
+# ---- the folder ------------------------------------------------------------------------------------------------
+def read_labelled_folder(root: str | Path, label: str | None = None) -> pd.DataFrame:
+    """The images listed in ``<root>/labels.csv`` (under ``<root>/images/``): columns path, file, subject, frame,
+    label. With ``label``, only the rows of that label (every row when the CSV has no label column).
+
+    Errors name the file and the row: a missing CSV or column, an empty subject, a listed file not on disk."""
+    root = Path(root).expanduser()
+    csv = root / LABELS_CSV
+    if not csv.is_file():
+        raise DatasetError(f"{csv}: missing (a labelled folder lists its images in {LABELS_CSV})")
+    try:
+        table = pd.read_csv(csv, dtype=str, skipinitialspace=True, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        raise DatasetError(f"{csv}: not a readable CSV ({error})") from error
+    table.columns = [c.strip() for c in table.columns]
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
+    if missing:
+        raise DatasetError(f"{csv}: needs the columns {', '.join(REQUIRED_COLUMNS)}; missing {', '.join(missing)}")
+    if "frame" not in table.columns:
+        table["frame"] = ""
+    if "label" not in table.columns:
+        table["label"] = label or ""
+    for index, row in enumerate(table.itertuples(index=False)):
+        line = index + 2  # 1-based, after the header
+        if not row.file.strip() or not row.subject.strip():
+            raise DatasetError(f"{csv}, line {line}: empty file or subject")
+        if not (root / IMAGES_DIR / row.file).is_file():
+            raise DatasetError(f"{csv}, line {line}: listed file {root / IMAGES_DIR / row.file} does not exist")
+    if label is not None:
+        table = table[table["label"].str.strip().str.lower() == label.strip().lower()]
+        if table.empty:
+            raise DatasetError(f"{csv}: no image labelled {label!r} (evaluation.external.label)")
+    table = table.assign(path=[str(root / IMAGES_DIR / f) for f in table["file"]])
+    return table[["path", "file", "subject", "frame", "label"]].reset_index(drop=True)
+
+
+REQUIRED_COLUMNS = ("file", "subject")  # frame and label are optional

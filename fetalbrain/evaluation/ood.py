@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from fetalbrain.data.transforms import inference_pipeline
-from fetalbrain.models.tta import with_tta
+from fetalbrain.data.tta import with_tta
 
 log = logging.getLogger(__name__)
 
@@ -359,7 +359,7 @@ def ood_report(model, datamodule, run_dir: Path, options, checkpoint: str | None
         log.error("No OOD detector: %s", error)
         return {}, [f"no OOD detector: {error}"], {}
     from fetalbrain.evaluation.ood_images import corrupted_images, ood_images
-    from fetalbrain.integrity import sha256_file
+    from fetalbrain.runs.integrity import sha256_file
 
     started = time.perf_counter()
     parts = {part: datamodule.part_images(part) for part in ("train", "val", "test")}

@@ -15,10 +15,11 @@ from torch import nn
 from torchmetrics import MaxMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from fetalbrain.data.tta import check_tta, with_tta
 from fetalbrain.evaluation.metrics import classification_metrics
 from fetalbrain.models.losses import check_loss_options, class_weights, classification_loss, log_prior
-from fetalbrain.models.tta import check_tta, with_tta
-from fetalbrain.runs import Report, read_checkpoint
+from fetalbrain.runs.checkpoints import read_checkpoint
+from fetalbrain.runs.layout import Report
 
 log = logging.getLogger(__name__)
 
@@ -317,7 +318,7 @@ class Classifier(L.LightningModule):
 
     def report(self, trainer, datamodule, run_dir: Path, options) -> Report:
         """The task's end-of-run report: test the best checkpoint, write the classification report."""
-        from fetalbrain.evaluation.report import classification_report  # plots and sklearn: not for inference
+        from fetalbrain.evaluation.test_report import classification_report  # plots and sklearn: not for inference
 
         return classification_report(self, trainer, datamodule, run_dir, options)
 

@@ -20,7 +20,8 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 from fetalbrain.data.classes import display_name
-from fetalbrain.runs import Report, read_checkpoint
+from fetalbrain.runs.checkpoints import read_checkpoint
+from fetalbrain.runs.layout import Report
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

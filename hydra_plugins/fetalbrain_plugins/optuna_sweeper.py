@@ -14,7 +14,7 @@ failed trial stops its sweep. This one drives Optuna's ask/tell API:
 - Trials run through the configured Hydra launcher in batches of ``n_jobs``, trial N in
   ``<sweep dir>/N``. A failed job fails its trial and the study goes on; the sweep stops only when more
   than ``max_failure_rate`` x ``n_trials`` trials have failed. A job stopped by ``optuna.TrialPruned``
-  (``fetalbrain.pruning.OptunaPruning``, told its trial through overrides) is recorded as PRUNED.
+  (``fetalbrain.training.pruning.OptunaPruning``, told its trial through overrides) is recorded as PRUNED.
 - A seeded sampler draws trial N with seed + N: a resumed study, or sweepers sharing one, never repeat
   each other's draws.
 - After every batch the sweep folder gets ``optimization_results.yaml``, ``trials.csv``,
@@ -239,7 +239,7 @@ class OptunaStudySweeper(Sweeper):
         import optuna
         from optuna.distributions import distribution_to_json
 
-        from fetalbrain.pruning import display_storage, open_storage
+        from fetalbrain.training.pruning import display_storage, open_storage
 
         space, fixed = search_space(self.params, arguments)
         if not space:
@@ -418,7 +418,7 @@ class OptunaStudySweeper(Sweeper):
                 path,
             )
             return []
-        from fetalbrain.pruning import STORAGE_ENV, display_storage
+        from fetalbrain.training.pruning import STORAGE_ENV, display_storage
 
         storage = self.storage_spec
         if display_storage(storage) != storage:  # a password: through the environment, not the job's config

@@ -10,7 +10,7 @@ import json
 import logging
 from pathlib import Path
 
-from fetalbrain.runs import CHECKPOINT_DIR
+from fetalbrain.runs.layout import CHECKPOINT_DIR
 
 log = logging.getLogger(__name__)
 

@@ -15,18 +15,20 @@ from pathlib import Path
 
 import albumentations as A
 import numpy as np
+import pandas as pd
 import torch
 
 from fetalbrain.data.classes import NORMAL_CLASS, display_name
 from fetalbrain.data.images import ImageReadError, read_image
 from fetalbrain.data.transforms import build_pipeline, run_preprocessing
+from fetalbrain.data.tta import check_tta, with_tta
 from fetalbrain.evaluation.calibration import softmax
 from fetalbrain.evaluation.metrics import SHOWN
 from fetalbrain.evaluation.ood import DETECTOR_FILE, OODDetector, features_and_logits
-from fetalbrain.integrity import sha256_file, verify_checkpoint
 from fetalbrain.models.gradcam import grad_cam, overlay
-from fetalbrain.models.tta import check_tta, with_tta
-from fetalbrain.runs import SUMMARY_FILE, read_checkpoint, read_summary, run_directory
+from fetalbrain.runs.checkpoints import read_checkpoint, run_directory
+from fetalbrain.runs.integrity import sha256_file, verify_checkpoint
+from fetalbrain.runs.layout import SUMMARY_FILE, read_summary
 
 log = logging.getLogger(__name__)
 ONNX_METADATA_KEY = "fetalbrain"
@@ -326,3 +328,28 @@ class Predictor:
 
     def predict_files(self, paths, heatmap: bool | None = None) -> list[Prediction]:
         return [self.predict_file(p, heatmap) for p in paths]
+
+
+def predictions_frame(predictions: list[Prediction]) -> pd.DataFrame:
+    rows = []
+    for p in predictions:
+        ood = p.out_of_distribution
+        row = {
+            "file": p.file,
+            # An image that is not a fetal brain ultrasound gets no anomaly class as an answer.
+            "predicted": None if ood else p.label,
+            "name": NOT_ULTRASOUND if ood else p.name,
+            "out_of_distribution": ood,
+            "ood_score": p.ood_score,
+            "ood_threshold": p.ood_threshold,
+            "confidence": p.confidence,
+            "abnormal_probability": p.abnormal_probability,
+            "screening_threshold": p.screening_threshold,
+            "screening_positive": p.screening_positive,
+            "warnings": "; ".join(p.warnings),
+            "error": p.error,
+            "seconds": round(p.seconds, 4),
+        }
+        row.update({f"p_{name}": value for name, value in p.probabilities.items()})
+        rows.append(row)
+    return pd.DataFrame(rows)

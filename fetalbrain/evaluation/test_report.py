@@ -22,12 +22,12 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, r
 
 from fetalbrain.data.classes import NORMAL_CLASS, display_name
 from fetalbrain.evaluation import baselines, calibration, plots
-from fetalbrain.evaluation.external_check import external_report
+from fetalbrain.evaluation.external_normals import external_report
 from fetalbrain.evaluation.hierarchy import hierarchy_report
 from fetalbrain.evaluation.ood import DETECTOR_FILE, ood_report
 from fetalbrain.evaluation.screening import abnormal_scores, both_classes, screening_metrics
 from fetalbrain.evaluation.shortcut import shortcut_metrics
-from fetalbrain.runs import Report, final_checkpoint
+from fetalbrain.runs.layout import Report, final_checkpoint
 
 log = logging.getLogger(__name__)
 FIGURES = ("confusion_matrix", "roc", "screening_roc", "reliability")  # logged to W&B once, at test end

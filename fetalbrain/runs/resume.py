@@ -31,7 +31,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import InterpolationResolutionError
 
-from fetalbrain.runs import CONFIG_FILE, LAST_CHECKPOINT, SUMMARY_FILE, flatten_config
+from fetalbrain.runs.layout import CONFIG_FILE, LAST_CHECKPOINT, SUMMARY_FILE, flatten_config
 
 log = logging.getLogger(__name__)
 

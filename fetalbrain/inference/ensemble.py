@@ -26,44 +26,19 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from omegaconf import ListConfig
 
 from fetalbrain.data.classes import NORMAL_CLASS
 from fetalbrain.data.images import ImageReadError, read_image
 from fetalbrain.evaluation.calibration import softmax
-from fetalbrain.evaluation.external import RunChoices, resolve_checkpoint, run_choices
 from fetalbrain.evaluation.metrics import SHOWN
-from fetalbrain.inference import BatchScores, Prediction, Predictor, add_warnings, describe_probabilities
+from fetalbrain.inference.predictor import BatchScores, Prediction, Predictor, add_warnings, describe_probabilities
 from fetalbrain.models.gradcam import overlay
-from fetalbrain.runs import SUMMARY_FILE, find_runs
+from fetalbrain.runs.checkpoints import model_paths
+from fetalbrain.runs.choices import RunChoices, run_choices
 
 # Preprocessing keys that change the pixels' resolution or values, not which region of the image the net sees:
 # members that differ only in these have heatmaps that line up (harmonise's crop and letterbox move the region).
 NOT_GEOMETRY = ("image_size", "mean", "std", "channels", "denoise", "denoise_kernel", "clahe")
-
-
-def model_paths(spec, onnx: bool = True) -> list[Path]:
-    """The checkpoints ``spec`` names (see the module docstring), in a stable order, each once. ``onnx=False``
-    refuses exports (evaluate needs the runs' metrics.json)."""
-    specs = list(spec) if isinstance(spec, list | tuple | ListConfig) else [spec]
-    if not specs:
-        raise ValueError("ckpt=[]: name at least one checkpoint, run folder or folder of runs")
-    paths: list[Path] = []
-    for item in specs:
-        path = Path(str(item))
-        if path.suffix == ".onnx" and onnx:
-            if not path.is_file():
-                raise FileNotFoundError(f"ckpt={item}: no such file")
-            found = [path]
-        elif path.is_dir() and not (path / SUMMARY_FILE).is_file():  # a sweep: its classification runs
-            runs = find_runs([path], task="classification")
-            if not runs:
-                raise FileNotFoundError(f"ckpt={item}: a folder with no finished classification run under it")
-            found = [resolve_checkpoint(run) for run in runs]
-        else:
-            found = [resolve_checkpoint(path)]
-        paths += [p for p in found if p.resolve() not in {q.resolve() for q in paths}]
-    return paths
 
 
 def load_model(spec, **options) -> "Predictor | Ensemble":

@@ -1,0 +1,488 @@
+import logging
+import math
+from datetime import datetime
+from pathlib import Path
+
+import yaml
+
+import fetalbrain
+from fetalbrain.data.classes import display_name
+from fetalbrain.evaluation.external_normals import DEFAULT_WARN_BELOW
+from fetalbrain.evaluation.intervals import mean_interval
+from fetalbrain.runs.integrity import CARD_JSON, CheckpointIntegrityError, read_card, sha256_file
+from fetalbrain.runs.layout import CHECKPOINT_DIR, CONFIG_FILE, SUMMARY_FILE, read_summary, task_of, write_json
+
+log = logging.getLogger(__name__)
+
+
+CARD_MD = "model_card.md"
+
+
+PURPOSES = "method development, benchmarking, teaching"
+
+
+INTENDED_USE = {
+    "classification": f"Research on classifying fetal brain ultrasound images into anomaly categories ({PURPOSES}).",
+    "generation": f"Research on generating synthetic fetal brain ultrasound images, e.g. to augment training data "
+    f"({PURPOSES}).",
+}
+
+
+NOT_FOR = (
+    "Not a medical device and not for diagnosis: do not use it to screen, diagnose or manage any "
+    "patient or pregnancy, or to support any clinical decision."
+)
+
+
+SHORTCUT_AUROC = 0.7  # a trivial baseline above this tells normal from abnormal by something besides anatomy
+
+
+CALIBRATION = {
+    "test/ece": "ECE",
+    "test/ece_temperature_scaled": "ECE after temperature scaling",
+    "calibration/temperature": "temperature (fitted on validation)",
+}
+
+
+LEAK_WORDS = {"shared_source": "a source image", "shared_case": "a case", "shared_group": "a duplicate group"}
+
+
+# The OOD detector (evaluation/ood.py) and the external normal check (evaluation/external_check.py): their headline
+# numbers, shown in their own sections and summarised over folds like the test metrics.
+OOD = {
+    "ood/auroc": "AUROC, OOD set against test images",
+    "ood/test_flag_rate": "test images flagged",
+    "ood/threshold": "threshold (chosen on validation)",
+}
+
+
+EXTERNAL = {
+    "external/normal_specificity": "normal heads from another hospital called normal (screening threshold)",
+    "external/fraction_predicted_normal": "normal heads from another hospital predicted normal (argmax)",
+    "external/test_normal_specificity": "this run's test normals called normal (screening threshold)",
+}
+
+
+SOURCE_BOUND = "the normal-vs-abnormal decision may follow the acquisition source"
+
+
+# ---- building the card ---------------------------------------------------------------------------------
+def _clean(value):
+    """NaN/inf become null so that the card is strict JSON any tool can read."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
+
+
+def _finite(value) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+def _read_config(run_dir: Path) -> dict:
+    path = run_dir / CONFIG_FILE  # saved resolved by training: plain YAML
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+
+
+def _component(cfg: dict | None) -> dict | None:
+    """An optimizer or scheduler config as its class name and settings (Hydra's ``_keys_`` dropped)."""
+    if not cfg:
+        return None
+    name = str(cfg.get("_target_", "")).rsplit(".", 1)[-1] or None
+    return {"name": name, **{k: v for k, v in cfg.items() if not str(k).startswith("_")}}
+
+
+def _summary_keys(metrics: dict, task: str) -> list[str]:
+    """The metrics a card reports and summarises over folds: test numbers, or the GAN's for a generator."""
+    if task == "generation":
+        return sorted(k for k in metrics if k.startswith("gan/"))
+    headline = {"screening/test_auroc", *OOD, *EXTERNAL} - {"ood/threshold"}  # a threshold is no result to average
+    return sorted(k for k in metrics if k.startswith(("test/", "shortcut/")) or k in headline)
+
+
+def fold_summary(run_dirs: list[Path], keys: list[str]) -> dict:
+    """Mean ± std and a 95 % t-interval of each metric over the runs of a sweep (non-finite values left out)."""
+    metrics = [read_summary(r).get("metrics") or {} for r in run_dirs]
+    return {key: _clean(mean_interval([m[key] for m in metrics if _finite(m.get(key))])) for key in keys}
+
+
+def _fold_section(run_dir: Path, folds: list[Path], keys: list[str], config: dict) -> dict:
+    runs = list(dict.fromkeys(Path(d).resolve() for d in [run_dir, *folds]))  # the run may be among its folds
+    described, warnings = [], []
+    for d in runs:
+        cfg = _read_config(d)
+        data = cfg.get("data") or {}
+        described.append({"run_dir": str(d), "fold": data.get("fold"), "seed": cfg.get("seed")})
+        for what, mine, theirs in (
+            ("model", (config.get("model") or {}).get("name"), (cfg.get("model") or {}).get("name")),
+            ("splitter", (config.get("data") or {}).get("splitter"), data.get("splitter")),
+        ):
+            if mine != theirs:
+                warnings.append(f"{d}: {what} {theirs!r} differs from this run's {mine!r}")
+    pairs = [(r["fold"], r["seed"]) for r in described]
+    if len(set(pairs)) < len(pairs):
+        warnings.append(f"the same fold and seed appear more than once: (fold, seed) {pairs}")
+    return {"n_runs": len(runs), "runs": described, "metrics": fold_summary(runs, keys), "warnings": warnings}
+
+
+def _sentence(text) -> str:
+    text = str(text).strip()
+    return text[:1].upper() + text[1:] + ("" if text.endswith((".", "!", "?")) else ".")
+
+
+def _limitations(task: str, data: dict, metrics: dict, config: dict | None = None) -> list[str]:
+    """Generic caveats, the data config's facts about its dataset, and what this run's own numbers show.
+    ``config``: the run's config, for its ``evaluation.external.warn_below``."""
+    split = data.get("split") or {}
+    root = f" (`{Path(data['root']).name}`)" if data.get("root") else ""
+    items = [
+        "Research software, not a medical device: not validated for diagnosis or any clinical use.",
+        f"One dataset{root}: performance on other machines, operators, gestational ages or populations is unknown.",
+        *[_sentence(text) for text in data.get("limitations") or []],
+    ]
+    test = (split.get("leaked") or {}).get("test") or {}
+    shared = [
+        (v, LEAK_WORDS.get(k, k.removeprefix("shared_"))) for k, v in test.items() if k.startswith("shared_") and v
+    ]
+    if shared:
+        (count, word), rest = shared[0], "".join(f", {v} {w}" for v, w in shared[1:])
+        items.insert(
+            0,
+            f"The test part leaks: of its {test.get('images', '?')} images, {count} share {word} with the training "
+            f"part{rest}; the test metrics overstate performance on new patients.",
+        )
+    if task == "generation":
+        items.append("Synthetic images are not patients: they can only vary the cases the generator was shown.")
+        return items
+    missing = (split.get("missing_classes") or {}).get("test") or []
+    if missing:
+        items.append(f"Not evaluated (absent from the test part): {', '.join(display_name(c) for c in missing)}.")
+    shortcuts = {k.split("/")[1]: v for k, v in metrics.items() if k.startswith("shortcut/") and _finite(v)}
+    if shortcuts and max(shortcuts.values()) >= SHORTCUT_AUROC:
+        name, auroc = max(shortcuts.items(), key=lambda item: item[1])
+        items.append(
+            f"A trivial shortcut baseline ({name.removesuffix('_test_auroc')}) tells abnormal from normal test "
+            f"images with AUROC {auroc:.2f}: the screening result may follow acquisition rather than anatomy."
+        )
+    specificity = metrics.get("external/normal_specificity")
+    external = ((config or {}).get("evaluation") or {}).get("external") or {}
+    warn_below = external.get("warn_below", DEFAULT_WARN_BELOW)
+    if _finite(specificity) and specificity < warn_below:
+        how_many = "mostly" if specificity < 0.5 else "often"  # 0.5: a majority, what "mostly" means
+        test = metrics.get("external/test_normal_specificity")
+        facts = [
+            f"{specificity:.0%} of {external.get('name') or 'them'} called normal"
+            + (f" at the {external['rule']} threshold" if external.get("rule") else ""),
+            *([f"{test:.0%} of this run's test normals"] if _finite(test) else []),
+            f"below evaluation.external.warn_below {warn_below:g}",
+        ]
+        items.append(
+            f"Normal heads from another hospital are {how_many} called abnormal: {SOURCE_BOUND} ({'; '.join(facts)})."
+        )
+    return items
+
+
+def build_card(run_dir: Path, folds: list[Path] | None = None) -> dict:
+    """The card's content from the run directory alone (metrics.json, config.yaml, checkpoints/)."""
+    run_dir = Path(run_dir)
+    summary = read_summary(run_dir)
+    config = _read_config(run_dir)
+    metrics = summary.get("metrics") or {}
+    run = summary.get("run") or {}
+    data = summary.get("data") or {}
+    split = data.get("split") or {}
+    data_cfg, model_cfg, trainer_cfg = (config.get(k) or {} for k in ("data", "model", "trainer"))
+    task = task_of(summary)
+    keys = _summary_keys(metrics, task)
+    thresholds: dict[str, dict] = {}
+    for key, value in metrics.items():
+        parts = key.split("/")
+        if parts[0] == "screening" and len(parts) == 3:
+            thresholds.setdefault(parts[1], {})[parts[2]] = value
+    screening = {k: metrics[k] for k in ("screening/test_auroc", "screening/val_auroc") if k in metrics}
+    best = run.get("best_checkpoint")
+    notes = list(summary.get("notes") or [])
+    if not config:
+        notes.append(f"{CONFIG_FILE} is missing: the card's training settings come from {SUMMARY_FILE} alone")
+    card = {
+        "created": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "fetalbrain_version": fetalbrain.__version__,
+        "run_dir": str(run_dir.resolve()),
+        "task": task,
+        "model": {
+            "name": run.get("model", model_cfg.get("name")),
+            "net": run.get("net"),
+            "target": model_cfg.get("_target_"),
+            "parameters": run.get("parameters"),
+            "pretrained_source": run.get("pretrained_source"),
+        },
+        "data": {
+            "root": data.get("root", data_cfg.get("root")),
+            "splitter": split.get("splitter", data_cfg.get("splitter")),
+            "fold": data_cfg.get("fold"),
+            "num_folds": data_cfg.get("num_folds"),
+            "group_level": data_cfg.get("group_level"),
+            "near_duplicate_threshold": data_cfg.get("near_duplicate_threshold"),
+            "part_sizes": split.get("part_sizes"),
+            "leakage": split.get("leaked"),
+            "missing_classes": split.get("missing_classes"),
+            "skipped_images": data.get("skipped_images") or [],
+            "mix": data_cfg.get("mix"),
+            "synthetic": data.get("synthetic"),
+        },
+        "classes": summary.get("classes") or [],
+        "metrics": {
+            "run": {k: metrics[k] for k in keys},
+            "folds": _fold_section(run_dir, list(folds), keys, config) if folds else None,
+        },
+        "calibration": {k: metrics[k] for k in (*CALIBRATION, "test/nll") if k in metrics} or None,
+        "screening": {**screening, "thresholds": thresholds} if screening or thresholds else None,
+        "shortcut": {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("shortcut/")} or None,
+        "ood": {k: metrics[k] for k in OOD if k in metrics} or None,
+        "external": {
+            k: metrics[k] for k in sorted(metrics) if k.removesuffix("_ci_low").removesuffix("_ci_high") in EXTERNAL
+        }
+        or None,
+        "training": {
+            "epochs_trained": run.get("epochs_trained"),
+            "max_epochs": run.get("max_epochs", trainer_cfg.get("max_epochs")),
+            "image_size": run.get("image_size", data_cfg.get("image_size")),
+            "batch_size": data_cfg.get("batch_size"),
+            "optimizer": _component(config.get("optimizer")),
+            "scheduler": _component(config.get("scheduler")),
+            "precision": trainer_cfg.get("precision"),
+            "seed": run.get("seed", config.get("seed")),
+            "device": run.get("device"),
+            "train_seconds": run.get("train_seconds"),
+        },
+        "intended_use": {
+            "use": INTENDED_USE.get(task, f"Research on fetal brain ultrasound ({task}; {PURPOSES})."),
+            "not_for": NOT_FOR,
+        },
+        "limitations": _limitations(task, data, metrics, config),
+        "notes": notes,
+        "best_checkpoint": Path(best).name if best else None,
+        "checkpoints": {p.name: sha256_file(p) for p in sorted((run_dir / CHECKPOINT_DIR).glob("*.ckpt"))},
+    }
+    return _clean(card)
+
+
+# ---- markdown ------------------------------------------------------------------------------------------
+def _fmt(value) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 10 else f"{value:,.1f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, dict):
+        return " · ".join(f"{k} {_fmt(v)}" for k, v in value.items()) or "—"
+    if isinstance(value, list):
+        return ", ".join(map(str, value)) or "—"
+    return str(value)
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(c) if not isinstance(c, str) else c for c in row) + " |" for row in rows]
+    return lines + [""]
+
+
+def _settings(cfg: dict) -> str:
+    """Optimizer or scheduler settings, numbers as written (a learning rate of 1e-5 is not 0.0000)."""
+    cfg = dict(cfg)
+    name = cfg.pop("name", None)
+    settings = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in cfg.items())
+    return f"{name} ({settings})" if settings else str(name)
+
+
+def _ordered(keys, first: list) -> list:
+    """``first`` in its order, then the rest alphabetically: the card's JSON sorts keys, a reader should not."""
+    return sorted(keys, key=lambda k: (first.index(k) if k in first else len(first), k))
+
+
+def _in_part_order(by_part: dict | None) -> dict:
+    return {k: by_part[k] for k in _ordered(by_part or {}, ["train", "val", "test"])}
+
+
+def _metric_order(key: str) -> tuple:
+    """Test metrics first, then screening, shortcut baselines, OOD detector and external check, as a reader looks."""
+    ranks = ("test/", "screening/", "shortcut/", "ood/", "external/")
+    return next((i for i, r in enumerate(ranks) if key.startswith(r)), len(ranks)), key
+
+
+def _pairs(pairs: dict) -> list[str]:
+    return _table(["", ""], [[f"**{k}**", v] for k, v in pairs.items()])
+
+
+def render_markdown(card: dict) -> str:
+    """A readable rendering of the card: the same facts, in sections and tables."""
+    model, data, training = card["model"], card["data"], card["training"]
+    title = f"# Model card: {model.get('name') or 'model'} ({Path(card['run_dir']).name})"
+    lines = [
+        title,
+        "",
+        "> Research software. Not a medical device and not for diagnosis.",
+        "",
+        f"Run `{card['run_dir']}` · task {card['task']} · created {card['created']} · "
+        f"fetalbrain {card['fetalbrain_version']}",
+        "",
+        "## Model",
+        "",
+    ]
+    params = model.get("parameters")
+    lines += _pairs(
+        {
+            "model": model.get("name"),
+            "network": model.get("net"),
+            "parameters": f"{params:,} ({params / 1e6:.2f} M)" if isinstance(params, int) else params,
+            "pretrained weights": model.get("pretrained_source"),
+        }
+    )
+    lines += ["## Data", ""]
+    fold = data.get("fold")
+    lines += _pairs(
+        {
+            "root": f"`{data.get('root')}`" if data.get("root") else None,
+            "split": data.get("splitter"),
+            "test fold": f"{fold} of {data.get('num_folds')}" if fold is not None else None,
+            "group level": data.get("group_level"),
+            "part sizes": _in_part_order(data.get("part_sizes")) or None,
+            "training mix": data.get("mix"),
+            "skipped images": len(data.get("skipped_images") or []),
+        }
+    )
+    leakage = _in_part_order(data.get("leakage"))
+    if leakage:
+        columns = _ordered({k for counts in leakage.values() for k in counts if k != "images"}, list(LEAK_WORDS))
+        lines += ["### Leakage: validation and test images sharing with the training part", ""]
+        lines += _table(
+            ["part", "images", *[c.replace("_", " ") for c in columns]],
+            [[part, counts.get("images"), *[counts.get(c) for c in columns]] for part, counts in leakage.items()],
+        )
+    missing = {p: c for p, c in _in_part_order(data.get("missing_classes")).items() if c}
+    if missing:
+        lines += ["### Classes missing from a part", ""]
+        lines += [f"- **{part}**: {', '.join(display_name(c) for c in classes)}" for part, classes in missing.items()]
+        lines += [""]
+    if data.get("skipped_images"):
+        lines += ["### Skipped images", "", *[f"- `{p}`" for p in data["skipped_images"]], ""]
+    if data.get("synthetic"):
+        lines += ["### Synthetic training images", "", *_pairs(data["synthetic"])]
+    if card.get("classes"):
+        lines += [f"**Classes ({len(card['classes'])}):** " + ", ".join(display_name(c) for c in card["classes"]), ""]
+    lines += ["## Metrics", ""]
+    run_metrics = {k: card["metrics"]["run"][k] for k in sorted(card["metrics"]["run"], key=_metric_order)}
+    folds = card["metrics"].get("folds")
+    if folds:
+        lines += [f"This run, and mean ± std [95 % t-interval] over {folds['n_runs']} runs of the sweep.", ""]
+        rows = []
+        for key, value in run_metrics.items():
+            s = folds["metrics"].get(key) or {}
+            spread = f"{_fmt(s.get('mean'))} ± {_fmt(s.get('std'))}"
+            interval = f"[{_fmt(s.get('ci95_low'))}, {_fmt(s.get('ci95_high'))}]"
+            rows.append([key, value, spread, interval, s.get("n")])
+        lines += _table(["metric", "this run", "mean ± std", "95 % CI", "n"], rows)
+        lines += [f"- fold {_fmt(r['fold'])}, seed {_fmt(r['seed'])}: `{r['run_dir']}`" for r in folds["runs"]]
+        lines += [f"- **warning**: {w}" for w in folds["warnings"]] + [""]
+    else:
+        lines += _table(["metric", "value"], [[k, v] for k, v in run_metrics.items()]) if run_metrics else []
+    if card.get("calibration"):
+        lines += ["## Calibration", "", *_pairs({v: card["calibration"].get(k) for k, v in CALIBRATION.items()})]
+    if card.get("screening"):
+        scr = card["screening"]
+        lines += ["## Screening: abnormal versus normal", ""]
+        lines += _pairs({"test AUROC": scr.get("screening/test_auroc"), "val AUROC": scr.get("screening/val_auroc")})
+        if scr.get("thresholds"):
+            lines += ["Operating thresholds chosen on validation, applied to test:", ""]
+            lines += _table(
+                ["rule", "threshold", "test sensitivity", "test specificity"],
+                [
+                    [rule, t.get("threshold"), t.get("test_sensitivity"), t.get("test_specificity")]
+                    for rule, t in scr["thresholds"].items()
+                ],
+            )
+    if card.get("shortcut"):
+        lines += ["## Shortcut baselines", ""]
+        lines += ["Trivial models of normal versus abnormal; near the screening AUROC, suspect the source.", ""]
+        lines += _table(["baseline", "test AUROC"], [[k, v] for k, v in card["shortcut"].items()])
+    if card.get("ood"):
+        lines += ["## Out-of-distribution detector", ""]
+        lines += ["Flags inputs unlike the training images (not a fetal brain ultrasound); see ood_scores.png.", ""]
+        lines += _table(["", "key", "value"], [[OOD[k], f"`{k}`", v] for k, v in card["ood"].items()])
+    if card.get("external"):
+        ext = card["external"]
+        lines += ["## External normal check", ""]
+        lines += ["Normal heads from another hospital, never trained on: is `normal` anatomy or source?", ""]
+        rows = []
+        for key, label in EXTERNAL.items():
+            if key in ext:
+                low, high = ext.get(f"{key}_ci_low"), ext.get(f"{key}_ci_high")
+                interval = f"[{_fmt(low)}, {_fmt(high)}]" if low is not None and high is not None else "—"
+                rows.append([label, f"`{key}`", ext[key], interval])
+        lines += _table(["", "key", "value", "interval (bootstrap over subjects)"], rows)
+    lines += ["## Training", ""]
+    optimizer, scheduler = training.get("optimizer") or {}, training.get("scheduler") or {}
+    lines += _pairs(
+        {
+            "epochs": f"{_fmt(training.get('epochs_trained'))} of {_fmt(training.get('max_epochs'))}",
+            "image size": training.get("image_size"),
+            "batch size": training.get("batch_size"),
+            "optimizer": _settings(optimizer) if optimizer else None,
+            "scheduler": _settings(scheduler) if scheduler else None,
+            "precision": training.get("precision"),
+            "seed": training.get("seed"),
+            "device": training.get("device"),
+            "training time": f"{training['train_seconds']:g} s" if training.get("train_seconds") is not None else None,
+        }
+    )
+    lines += ["## Intended use and limitations", ""]
+    lines += [f"**Intended use.** {card['intended_use']['use']}", "", f"**Not for.** {card['intended_use']['not_for']}"]
+    lines += ["", "**Limitations.**", "", *[f"- {item}" for item in card["limitations"]], ""]
+    if card.get("notes"):
+        lines += ["**Notes from the run.**", "", *[f"- {note}" for note in card["notes"]], ""]
+    lines += ["## Checkpoints", ""]
+    if card["checkpoints"]:
+        best = card.get("best_checkpoint")
+        rows = [[f"`{n}`" + (" (handed on)" if n == best else ""), f"`{h}`"] for n, h in card["checkpoints"].items()]
+        lines += _table(["file", "SHA256"], rows)
+    else:
+        lines += ["No checkpoint was found in `checkpoints/`.", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _keep_recorded(card_path: Path, found: dict[str, str]) -> dict[str, str]:
+    """The card's recorded hashes, plus checkpoints new on disk; a changed one raises, as loading it would."""
+    recorded = read_card(card_path).get("checkpoints") or {}
+    changed = sorted(name for name, digest in recorded.items() if found.get(name, digest) != digest)
+    if changed:
+        raise CheckpointIntegrityError(
+            f"{', '.join(changed)}: SHA256 differs from the hash recorded in {card_path}; the checkpoint changed "
+            "after the card was written, so the card was not rewritten. Restore the original file; or pass "
+            "rehash=True (--rehash) to record the new hash, accepting that the card's metrics may not describe "
+            "the new weights."
+        )
+    added = sorted(set(found) - set(recorded))
+    if added:
+        log.warning("%s: adding checkpoints the card did not list: %s", card_path, ", ".join(added))
+    return dict(sorted({**recorded, **found}.items()))
+
+
+def write_model_card(run_dir: Path, folds: list[Path] | None = None, rehash: bool = False) -> dict:
+    """Write ``model_card.json`` and ``.md`` into the run directory; return the card.
+
+    An existing card's checkpoint hashes are kept (listed files missing from disk too): a changed checkpoint
+    raises ``CheckpointIntegrityError`` unless ``rehash``, which takes every hash from disk anew.
+    """
+    run_dir = Path(run_dir)
+    card = build_card(run_dir, folds)
+    if (run_dir / CARD_JSON).is_file() and not rehash:
+        card["checkpoints"] = _keep_recorded(run_dir / CARD_JSON, card["checkpoints"])
+    write_json(run_dir / CARD_JSON, card)
+    (run_dir / CARD_MD).write_text(render_markdown(card))
+    return card

@@ -1,0 +1,134 @@
+"""Build and run one fit from the config alone: data, model, trainer, callbacks, loggers; then the task's report, the
+summary and the model card.
+"""
+
+import logging
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import get_class, instantiate
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.callbacks import LearningRateMonitor
+from omegaconf import DictConfig, OmegaConf
+
+from fetalbrain.evaluation import baselines, external_normals, ood
+from fetalbrain.evaluation.hierarchy import check_groups
+from fetalbrain.evaluation.model_card import write_model_card
+from fetalbrain.evaluation.screening import screening_rules
+from fetalbrain.runs.layout import CONFIG_FILE, LAST_CHECKPOINT, SUMMARY_FILE, write_json
+from fetalbrain.runs.resume import ReproducibleEpochs
+from fetalbrain.training.ddp import ranks
+from fetalbrain.training.summary import run_summary
+from fetalbrain.training.tracking import continue_wandb_run, log_report, record_wandb_run
+
+log = logging.getLogger(__name__)
+
+
+def check_evaluation(cfg: DictConfig) -> None:
+    """Refuse bad ``evaluation.ood``, ``external``, ``nearest_neighbour`` and ``hierarchy`` settings by key, before
+    anything is built or trained: the report reads them only after training, where a typo would cost the whole run
+    and then give only a note. Classification runs only (a generator writes no such report); a section the config
+    lacks (a resumed run from before it existed) or has switched off is not read, so it is not checked."""
+    if getattr(get_class(cfg.model._target_), "task", None) != "classification":
+        return
+    evaluation = cfg.get("evaluation") or {}
+    ood_options, external = evaluation.get("ood"), evaluation.get("external")
+    if ood_options is not None and ood_options.get("enabled"):
+        ood.check_options(ood_options)
+    if external is not None and external.get("enabled"):
+        external_normals.check_options(external, screening_rules(evaluation.screening_min_sensitivity))
+    nearest, hierarchy = evaluation.get("nearest_neighbour"), evaluation.get("hierarchy")
+    if nearest is not None and nearest.get("enabled"):
+        baselines.check_options(nearest)
+    if hierarchy is not None and hierarchy.get("enabled"):
+        check_groups(hierarchy.get("groups"), None)  # their shape now; their classes once the data are read
+
+
+def instantiate_group(group: DictConfig | None, **defaults) -> list:
+    """Instantiate every entry of a ``callbacks``/``logger`` group (entries may be null to drop them).
+    ``defaults`` fill an entry's keys that are null (the W&B logger's job_type is the model's task)."""
+    return [
+        instantiate(entry, **{k: v for k, v in defaults.items() if k in entry and entry[k] is None})
+        for entry in (group or {}).values()
+        if entry and "_target_" in entry
+    ]
+
+
+def build_model(cfg: DictConfig, datamodule) -> L.LightningModule:
+    """The model config's LightningModule, given what every task needs from the (set-up) data."""
+    return instantiate(
+        cfg.model,
+        class_names=datamodule.class_names,
+        preprocessing=datamodule.preprocessing_config(),
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+    )
+
+
+def build(cfg: DictConfig):
+    """Data module (set up), model, trainer: everything a run needs, from the config alone."""
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    model = build_model(cfg, datamodule)
+    hierarchy = (cfg.get("evaluation") or {}).get("hierarchy")
+    if model.task == "classification" and hierarchy is not None and hierarchy.get("enabled"):
+        check_groups(hierarchy.get("groups"), datamodule.class_names)  # their classes, now that the data are read
+    loggers = instantiate_group(cfg.get("logger"), job_type=model.task)
+    callbacks = [
+        c for c in instantiate_group(cfg.get("callbacks")) if loggers or not isinstance(c, LearningRateMonitor)
+    ]
+    callbacks.insert(0, ReproducibleEpochs())  # not a config choice: every run must be resumable exactly
+    try:
+        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    except InstantiationException as error:  # e.g. more devices than the machine has: name the keys
+        if not isinstance(error.__cause__, MisconfigurationException):
+            raise
+        keys = " ".join(f"trainer.{k}={cfg.trainer.get(k)}" for k in ("accelerator", "devices", "strategy"))
+        gpus = torch.cuda.device_count()
+        raise ValueError(f"{keys}: {error.__cause__} (this machine has {gpus} CUDA GPU(s))") from error
+    # Top-level keys W&B groups and filters by: seed and task here; Lightning adds the data module's
+    # (fold, splitter, ...) and the model's hyper-parameters as fit starts.
+    for logger in loggers:
+        logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "task": model.task})
+    return datamodule, model, trainer
+
+
+def train(cfg: DictConfig) -> tuple[dict, dict]:
+    """Fit, write the task's report, the summary and the model card. Returns (summary, objects).
+    With ``cfg.resume`` (set by ``resume_config``), continue that run from its last checkpoint.
+    Under DDP every rank runs this; rank 0 alone writes the run folder (the summary is rank 0's)."""
+    check_evaluation(cfg)  # before the run folder is written: a bad setting leaves nothing behind
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.get("resume") is None:
+        if rank_zero_only.rank == 0:  # .hydra/ keeps the unresolved config
+            OmegaConf.save(cfg, output_dir / CONFIG_FILE, resolve=True)
+    else:  # the run's config.yaml stays as it started
+        continue_wandb_run(cfg, output_dir)
+    datamodule, model, trainer = build(cfg)
+    record_wandb_run(trainer.loggers, output_dir)
+    ckpt_path = str(output_dir / LAST_CHECKPOINT) if cfg.get("resume") is not None else cfg.get("ckpt_path")
+    with ranks(trainer, cfg, output_dir):
+        started = time.perf_counter()
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        train_seconds = time.perf_counter() - started
+        fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        report = model.report(trainer, datamodule, output_dir, cfg.evaluation)  # every rank tests its share
+        metrics = {**fit_metrics, **{k: float(v) for k, v in trainer.callback_metrics.items()}, **report.metrics}
+        summary = run_summary(cfg, model, trainer, datamodule, metrics, report.notes, train_seconds)  # DDP threads
+    if not trainer.is_global_zero:
+        return summary, {"datamodule": datamodule, "model": model, "trainer": trainer}
+    for note in report.notes:
+        log.warning("Report: %s", note)
+    write_json(output_dir / SUMMARY_FILE, summary)
+    write_model_card(output_dir, rehash=True)  # these weights are the ones the metrics above describe
+    log_report(trainer.loggers, report)
+    log.info("Test: %s", {k: round(v, 4) for k, v in metrics.items() if k.startswith("test/")})
+    log.info("Run directory: %s", output_dir)
+    return summary, {"datamodule": datamodule, "model": model, "trainer": trainer}
