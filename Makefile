@@ -45,8 +45,9 @@ benchmark: ## speed and memory of every model and of the data pipeline (about a 
 gui: ## the web GUI on 127.0.0.1:7860, serving the newest run (ARGS="ckpt=... port=...")
 	GRADIO_ANALYTICS_ENABLED=False $(PY) -m fetalbrain.app $(ARGS)
 
-lint: ## ruff
-	$(PY) -m ruff check fetalbrain tests
+lint: ## ruff, and the layers' import contracts (pyproject.toml, [tool.importlinter])
+	$(PY) -m ruff check fetalbrain hydra_plugins tests
+	$(VENV)/bin/lint-imports
 
 clean: ## remove caches and run outputs (keeps outputs/README.md)
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

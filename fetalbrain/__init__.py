@@ -6,8 +6,7 @@ from pathlib import Path
 # albumentations checks PyPI for updates at import time; never do network I/O on import.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-__version__ = "0.1.0"
+from fetalbrain.project import PROJECT_ROOT, __version__  # noqa: F401, E402  (re-exported)
 
 
 def _register_resolvers() -> None:
@@ -34,7 +33,7 @@ def _run_dir(resume, new_run_dir: str) -> str:
 
 def _hydra_subdir(resume, ckpt_path, output_dir: str) -> str | None:
     """Keep the .hydra/ a run wrote: when resuming it, and when a sweep job's folder already holds a run
-    (a sweep run again into its folder, a requeued cluster job; see ``resume.resume_config``)."""
+    (a sweep run again into its folder, a requeued cluster job; see ``runs.resume.resume_config``)."""
     from fetalbrain.runs.layout import CONFIG_FILE
 
     resuming = resume is not None or ckpt_path == "last" or (Path(output_dir) / CONFIG_FILE).is_file()

@@ -17,7 +17,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from fetalbrain import PROJECT_ROOT  # noqa: E402
 from fetalbrain.data.classes import display_name  # noqa: E402
 from fetalbrain.data.duplicates import (  # noqa: E402
     DEFAULT_THRESHOLD,
@@ -28,6 +27,7 @@ from fetalbrain.data.duplicates import (  # noqa: E402
 )
 from fetalbrain.data.images import ImageReadError, read_grayscale  # noqa: E402
 from fetalbrain.data.readers import read_dataset  # noqa: E402
+from fetalbrain.project import PROJECT_ROOT  # noqa: E402
 
 DEFAULT_ROOT = PROJECT_ROOT / "data" / "fetal-brain-ultrasound"
 TRAIN = "train"

@@ -1,7 +1,7 @@
 """Model cards: what a run's model is, what data and split it saw, how well it did, what it is not for.
 
 ``model_card.json``/``.md`` are built from the run directory alone and list the SHA256 of every
-checkpoint; ``fetalbrain.integrity`` checks a checkpoint against them before it is loaded, so the card's
+checkpoint; ``fetalbrain.runs.integrity`` checks a checkpoint against them before it is loaded, so the card's
 numbers always describe the weights in use. Rewriting a card keeps those hashes: a changed checkpoint
 is refused unless ``rehash`` says the new weights are accepted.
 

@@ -1,13 +1,5 @@
-"""DDP on one node whose ranks run this run's config, not the command line.
-
-Lightning's DDP starts ranks 1..N-1 by re-running the command line (``sys.argv``). Inside a Hydra
-multirun that command is the whole sweep: each extra rank starts a sweep of its own (the known
-Lightning + Hydra problem: a second sweep folder, N x the jobs). Here the job itself starts its ranks
-as ``python -m fetalbrain.distributed RUN_DIR/ddp_config.yaml`` with the resolved config it runs, so one
-job is one run folder whatever launched it. Cluster launchers that start every rank themselves (SLURM
-tasks, torchrun) are left alone: Lightning's cluster environment reads their ranks.
-
-Usage: ``with ranks(trainer, cfg, run_dir): trainer.fit(...)``, and this module as the ranks' entry point.
+"""The entry point of ranks 1..N-1 of a single-node DDP run: ``python -m fetalbrain.distributed
+RUN_DIR/ddp_config.yaml``, started by the run itself (``fetalbrain.training.ddp``) with the resolved config it runs.
 """
 
 import logging

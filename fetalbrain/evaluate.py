@@ -1,7 +1,7 @@
 """Evaluate a checkpoint on any dataset: ``python -m fetalbrain.evaluate [ckpt=CKPT_OR_RUN] data.root=DIR``.
 
 ``ckpt`` may also name several runs (a list, or a folder of runs such as a cross-validation sweep): they are
-evaluated as one ensemble (fetalbrain/ensemble.py), the mean of their calibrated probabilities, screened at
+evaluated as one ensemble (fetalbrain/inference/ensemble.py), the mean of their calibrated probabilities, screened at
 the mean of their thresholds.
 
 The same report as a training run's test, on data in any supported layout (Roboflow CSV export, folder
@@ -118,7 +118,7 @@ def evaluate(cfg: DictConfig, out_dir: Path | None = None) -> dict:
         checkpoint = checkpoints[0]
         predictor = Predictor(checkpoint, calibrated=False, heatmaps=False, verify=cfg.verify)
         choices = run_choices(checkpoint)
-    else:  # the mean of the members' calibrated probabilities (fetalbrain/ensemble.py)
+    else:  # the mean of the members' calibrated probabilities (fetalbrain/inference/ensemble.py)
         predictor = Ensemble(checkpoints, heatmaps=False, verify=cfg.verify)
         checkpoint, choices = checkpoints[0], predictor.run_choices()
     class_names = list(predictor.class_names)

@@ -1,7 +1,7 @@
 """Batch prediction: ``python -m fetalbrain.predict inputs=FILE_OR_DIR [ckpt=PATH] [out=preds.csv]``.
 
 ``ckpt``: a checkpoint or ONNX export, a run folder, or several (a list, or a folder of runs such as a
-cross-validation sweep): several are one ensemble averaging calibrated probabilities (fetalbrain/ensemble.py).
+cross-validation sweep): several are one ensemble averaging calibrated probabilities (fetalbrain/inference/ensemble.py).
 
 One CSV row per file: predicted class, confidence, the abnormal probability and the run's
 screening threshold, warnings (low confidence, unlike the training data), all class

@@ -4,10 +4,10 @@ Task-agnostic: the model config names the LightningModule (a classifier, the WGA
 the same data, trainer, callbacks and loggers serve every task, and after ``fit`` the module writes
 its own report (``model.report``: a classifier tests its best checkpoint). Every run directory
 gets ``config.yaml`` (resolved; ``.hydra/`` keeps the composed one and the overrides), checkpoints,
-``metrics.json`` and a model card (see ``fetalbrain.runs``). ``main`` returns the optimised metric
+``metrics.json`` and a model card (see ``fetalbrain.runs.layout``). ``main`` returns the optimised metric
 so Hydra sweepers (grid, Optuna) can use it. ``resume=RUN_DIR`` continues a killed run in its own
-folder, exactly (see ``fetalbrain.resume``). DDP on one node starts its ranks from the run's config,
-so that a DDP job of a multirun stays one job (see ``fetalbrain.distributed``). Settings read only by the
+folder, exactly (see ``fetalbrain.runs.resume``). DDP on one node starts its ranks from the run's config,
+so that a DDP job of a multirun stays one job (see ``fetalbrain.training.ddp``). Settings read only by the
 report after training (``evaluation.ood``, ``evaluation.external``) are checked before anything is built.
 """
 

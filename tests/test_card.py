@@ -188,7 +188,7 @@ def test_card_copes_with_missing_keys_and_a_generator_is_not_a_classifier(tmp_pa
 
 
 def test_integrity_imports_nothing_heavy():
-    code = "import sys, fetalbrain.integrity; print([m for m in ('torch', 'scipy', 'pandas') if m in sys.modules])"
+    code = "import sys, fetalbrain.runs.integrity; print([m for m in ('torch', 'scipy', 'pandas') if m in sys.modules])"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == "[]", result.stderr
 

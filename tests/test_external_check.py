@@ -13,13 +13,8 @@ from fetalbrain.app import describe
 from fetalbrain.compare import compare
 from fetalbrain.data.compact import main as compact_main
 from fetalbrain.data.readers import LABELS_CSV, DatasetError, read_labelled_folder
-from fetalbrain.evaluation.external_normals import (
-    CSV_FILE,
-    FIGURE_FILE,
-    describe_external,
-    external_report,
-    subject_bootstrap,
-)
+from fetalbrain.evaluation.external_normals import CSV_FILE, FIGURE_FILE, describe_external, external_report
+from fetalbrain.evaluation.intervals import subject_bootstrap
 from fetalbrain.evaluation.metrics import COMPARED
 from fetalbrain.inference.predictor import Predictor
 from tests.conftest import CONF, ROOT

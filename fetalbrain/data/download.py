@@ -22,7 +22,7 @@ from pathlib import Path
 
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
-from fetalbrain import PROJECT_ROOT
+from fetalbrain.project import PROJECT_ROOT
 
 DEFAULT_DEST = PROJECT_ROOT / "data" / "fetal-brain-ultrasound-full"
 MANIFEST = Path(__file__).parent / "manifests" / "fetal-brain-ultrasound-v1.sha256"

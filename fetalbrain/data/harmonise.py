@@ -259,7 +259,7 @@ def _defaults() -> dict:
     and every key's default. Read from the config itself, so the two cannot drift apart."""
     from omegaconf import OmegaConf
 
-    from fetalbrain import PROJECT_ROOT
+    from fetalbrain.project import PROJECT_ROOT
 
     return OmegaConf.to_container(OmegaConf.load(PROJECT_ROOT / "conf" / "data" / "harmonise" / "none.yaml"))
 

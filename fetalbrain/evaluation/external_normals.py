@@ -28,6 +28,8 @@ import pandas as pd
 
 from fetalbrain.data.classes import NORMAL_CLASS
 from fetalbrain.data.readers import DatasetError, read_labelled_folder
+from fetalbrain.evaluation.intervals import subject_bootstrap
+from fetalbrain.runs.choices import screening_thresholds
 
 log = logging.getLogger(__name__)
 
@@ -38,34 +40,6 @@ SPECIFICITY = f"{PREFIX}normal_specificity"
 FRACTION_NORMAL = f"{PREFIX}fraction_predicted_normal"
 TEST_PREFIX = f"{PREFIX}test_"  # the in-distribution test normals, for comparison
 DEFAULT_WARN_BELOW = 0.5  # evaluation.external.warn_below's default, for a run whose config is not at hand
-
-
-# ---- intervals -------------------------------------------------------------------------------------------------
-def subject_bootstrap(
-    indicators: dict[str, np.ndarray], subjects, samples: int, seed: int, confidence: float
-) -> dict[str, tuple[float, float]]:
-    """Percentile intervals of fractions (the mean of each 0/1 array) resampling SUBJECTS with replacement, each
-    with all its frames: frames of one examination are alike, so resampling images would understate the spread.
-
-    Each resample's fraction is its drawn subjects' positives over their images. Returns name -> (low, high);
-    nothing when ``samples`` is 0."""
-    if samples <= 0 or not indicators:
-        return {}
-    codes = np.unique(np.asarray(subjects), return_inverse=True)[1]
-    counts = np.bincount(codes)  # images per subject
-    rng = np.random.default_rng(seed)
-    drawn = rng.integers(0, len(counts), (samples, len(counts)))  # one row of subjects per resample
-    offsets = np.arange(samples)[:, None] * len(counts)  # times each subject is drawn, per resample:
-    weights = np.bincount((drawn + offsets).ravel(), minlength=samples * len(counts)).reshape(samples, len(counts))
-    images = weights @ counts
-    tail = (1.0 - confidence) / 2
-    intervals = {}
-    for name, values in indicators.items():
-        positives = np.bincount(codes, weights=np.asarray(values, dtype=float), minlength=len(counts))
-        fractions = (weights @ positives) / images
-        low, high = np.quantile(fractions, [tail, 1 - tail])
-        intervals[name] = (float(low), float(high))
-    return intervals
 
 
 # ---- options ---------------------------------------------------------------------------------------------------
@@ -151,15 +125,6 @@ def external_figure(
 
 
 # ---- the training report's part ---------------------------------------------------------------------------------
-def _thresholds(report_metrics: dict) -> dict[str, float]:
-    """The run's screening thresholds (``screening/<rule>/threshold``, chosen on validation) by rule."""
-    return {
-        key.split("/")[1]: float(value)
-        for key, value in report_metrics.items()
-        if key.startswith("screening/") and key.endswith("/threshold") and key.count("/") == 2
-    }
-
-
 def external_report(
     model,
     run_dir: Path,
@@ -216,7 +181,7 @@ def external_report(
     test_probs, test_targets = test
     test_normal = test_probs[test_targets == normal]
     test_score = 1.0 - test_normal[:, normal]
-    thresholds = _thresholds(report_metrics)
+    thresholds = screening_thresholds(report_metrics)
 
     subjects = table["subject"].to_numpy()
     metrics = {f"{PREFIX}images": float(len(table)), f"{PREFIX}subjects": float(len(set(subjects)))}

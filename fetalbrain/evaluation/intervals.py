@@ -1,4 +1,8 @@
-"""Mean, std and 95 % t-interval over runs: one formula, so ``compare`` and the model card agree."""
+"""Intervals, one home for each kind: over runs (``mean_interval``, a t-interval: ``compare`` and the model card
+agree) and over the images of one set (percentile bootstraps, resampling images or, where frames of one examination
+are alike, whole subjects or cases). A percentile interval of a bounded metric stays inside the metric's range."""
+
+from collections.abc import Callable
 
 import numpy as np
 
@@ -16,3 +20,62 @@ def mean_interval(values) -> dict:
     std = float(values.std(ddof=1)) if n > 1 else np.nan
     half = float(stats.t.ppf(0.975, n - 1) * std / np.sqrt(n)) if n > 1 else np.nan
     return {"n": n, "mean": mean, "std": std, "ci95_low": mean - half, "ci95_high": mean + half}
+
+
+def percentile_interval(draws, confidence: float) -> tuple[float, float] | None:
+    """The central ``confidence`` interval of a statistic's bootstrap draws, from its finite draws (a resample where
+    it is undefined, e.g. one class drawn, is left out); None when no draw is finite."""
+    draws = np.asarray(draws, dtype=float)
+    draws = draws[np.isfinite(draws)]
+    if not len(draws):
+        return None
+    tail = (1.0 - confidence) / 2
+    low, high = np.quantile(draws, [tail, 1 - tail])
+    return float(low), float(high)
+
+
+def bootstrap_intervals(
+    score: Callable[[np.ndarray], dict[str, float]], keys, n: int, samples: int, seed: int, confidence: float
+) -> dict[str, float]:
+    """``<key>_ci_low`` / ``<key>_ci_high`` for each of ``keys``: a percentile bootstrap over the ``n`` images,
+    resampled with replacement; ``score(index)`` computes every number on the images ``index`` draws, the same
+    way as on the whole set. Nothing when ``samples`` is 0."""
+    if samples <= 0:
+        return {}
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {key: [] for key in keys}
+    for _ in range(samples):
+        values = score(rng.integers(0, n, n))
+        for key in draws:
+            draws[key].append(values.get(key, np.nan))
+    intervals = {}
+    for key, values in draws.items():
+        interval = percentile_interval(values, confidence)
+        if interval is not None:
+            intervals[f"{key}_ci_low"], intervals[f"{key}_ci_high"] = interval
+    return intervals
+
+
+def subject_bootstrap(
+    indicators: dict[str, np.ndarray], subjects, samples: int, seed: int, confidence: float
+) -> dict[str, tuple[float, float]]:
+    """Percentile intervals of fractions (the mean of each 0/1 array) resampling SUBJECTS (or cases) with
+    replacement, each with all its frames: frames of one examination are alike, so resampling images would
+    understate the spread.
+
+    Each resample's fraction is its drawn subjects' positives over their images. Returns name -> (low, high);
+    nothing when ``samples`` is 0."""
+    if samples <= 0 or not indicators:
+        return {}
+    codes = np.unique(np.asarray(subjects), return_inverse=True)[1]
+    counts = np.bincount(codes)  # images per subject
+    rng = np.random.default_rng(seed)
+    drawn = rng.integers(0, len(counts), (samples, len(counts)))  # one row of subjects per resample
+    offsets = np.arange(samples)[:, None] * len(counts)  # times each subject is drawn, per resample:
+    weights = np.bincount((drawn + offsets).ravel(), minlength=samples * len(counts)).reshape(samples, len(counts))
+    images = weights @ counts
+    intervals = {}
+    for name, values in indicators.items():
+        positives = np.bincount(codes, weights=np.asarray(values, dtype=float), minlength=len(counts))
+        intervals[name] = percentile_interval((weights @ positives) / images, confidence)
+    return intervals

@@ -91,7 +91,7 @@ CLASSIFICATION_METRICS = (
     *(MetricSpec(f"test/{name}", label, shown) for name, (label, _, shown) in STAGE_METRICS.items()),
     MetricSpec("screening/test_auroc", "screening AUROC", shown=True),
     MetricSpec("test/ece", "ECE", shown=True),
-    # the external normal check (evaluation/external_check.py): normal heads from another hospital, never trained
+    # the external normal check (evaluation/external_normals.py): normal heads from another hospital, never trained
     # on, called normal at the run's screening threshold / by argmax. Low values: "normal" follows the source.
     MetricSpec("external/normal_specificity", "external normals: specificity", shown=True),
     MetricSpec("external/fraction_predicted_normal", "external normals: predicted normal", shown=True),

@@ -1,3 +1,12 @@
+"""Model cards: what a run's model is, what data and split it saw, how well it did, what it is not for.
+
+``model_card.json``/``.md`` are built from the run directory alone and list the SHA256 of every
+checkpoint; ``fetalbrain.runs.integrity`` checks a checkpoint against them before it is loaded, so the card's
+numbers always describe the weights in use. Rewriting a card keeps those hashes: a changed checkpoint
+is refused unless ``rehash`` says the new weights are accepted. Written by every run (``training.fit``) and by
+``python -m fetalbrain.card``.
+"""
+
 import logging
 import math
 from datetime import datetime
@@ -5,10 +14,10 @@ from pathlib import Path
 
 import yaml
 
-import fetalbrain
 from fetalbrain.data.classes import display_name
 from fetalbrain.evaluation.external_normals import DEFAULT_WARN_BELOW
 from fetalbrain.evaluation.intervals import mean_interval
+from fetalbrain.project import __version__
 from fetalbrain.runs.integrity import CARD_JSON, CheckpointIntegrityError, read_card, sha256_file
 from fetalbrain.runs.layout import CHECKPOINT_DIR, CONFIG_FILE, SUMMARY_FILE, read_summary, task_of, write_json
 
@@ -47,7 +56,7 @@ CALIBRATION = {
 LEAK_WORDS = {"shared_source": "a source image", "shared_case": "a case", "shared_group": "a duplicate group"}
 
 
-# The OOD detector (evaluation/ood.py) and the external normal check (evaluation/external_check.py): their headline
+# The OOD detector (evaluation/ood.py) and the external normal check (evaluation/external_normals.py): their headline
 # numbers, shown in their own sections and summarised over folds like the test metrics.
 OOD = {
     "ood/auroc": "AUROC, OOD set against test images",
@@ -209,7 +218,7 @@ def build_card(run_dir: Path, folds: list[Path] | None = None) -> dict:
         notes.append(f"{CONFIG_FILE} is missing: the card's training settings come from {SUMMARY_FILE} alone")
     card = {
         "created": datetime.now().astimezone().isoformat(timespec="seconds"),
-        "fetalbrain_version": fetalbrain.__version__,
+        "fetalbrain_version": __version__,
         "run_dir": str(run_dir.resolve()),
         "task": task,
         "model": {

@@ -27,8 +27,9 @@ from fetalbrain.evaluation.metrics import SHOWN
 from fetalbrain.evaluation.ood import DETECTOR_FILE, OODDetector, features_and_logits
 from fetalbrain.models.gradcam import grad_cam, overlay
 from fetalbrain.runs.checkpoints import read_checkpoint, run_directory
+from fetalbrain.runs.choices import run_choices
 from fetalbrain.runs.integrity import sha256_file, verify_checkpoint
-from fetalbrain.runs.layout import SUMMARY_FILE, read_summary
+from fetalbrain.runs.layout import read_summary
 
 log = logging.getLogger(__name__)
 ONNX_METADATA_KEY = "fetalbrain"
@@ -76,27 +77,26 @@ class Prediction:
 
 
 def deployment_metadata(checkpoint: Path, state: dict, screening_rule: str = "youden") -> dict:
-    """What a deployed model needs besides weights: classes, preprocessing, evaluation results.
+    """What a deployed model needs besides weights: classes, preprocessing, the run's choices and test results.
 
     ``state`` is the checkpoint's contents (``read_checkpoint``); the run's metrics.json is found
     beside the checkpoint's folder."""
     hparams = state["hyper_parameters"]
+    choices = run_choices(checkpoint, state)
     card = {
         "name": hparams.get("name") or hparams["net"].get("name", "model"),
         "class_names": hparams["class_names"],
-        "preprocessing": hparams["preprocessing"],
+        "preprocessing": choices.preprocessing,
         "run": str(run_directory(checkpoint).name),
         "checkpoint": checkpoint.name,
         "test_metrics": {},
-        "screening_threshold": None,
-        "temperature": None,
-        "tta": hparams.get("tta", "none"),  # model.tta: an ONNX export runs its views through the plain net
+        "screening_threshold": choices.thresholds.get(screening_rule),
+        "temperature": choices.temperature,
+        "tta": choices.tta,  # model.tta: an ONNX export runs its views through the plain net
     }
-    if (run_directory(checkpoint) / SUMMARY_FILE).is_file():
-        metrics = read_summary(run_directory(checkpoint))["metrics"]
+    if choices.source is not None:
+        metrics = read_summary(choices.run_dir)["metrics"]
         card["test_metrics"] = {k: metrics[k] for k in SHOWN if k in metrics}
-        card["screening_threshold"] = metrics.get(f"screening/{screening_rule}/threshold")
-        card["temperature"] = metrics.get("calibration/temperature")
     return card
 
 

@@ -1,5 +1,9 @@
-"""What a run chose on its own validation part (screening thresholds, temperature, calibration bins), read back here
-alone.
+"""What a run chose, read back here alone: on its validation part the screening thresholds
+(``screening/<rule>/threshold``) and the temperature (``calibration/temperature``) in its metrics.json, the
+calibration bins in its config.yaml, and in the checkpoint its preprocessing and test-time augmentation.
+
+``evaluate``, ``predict``, the GUI, ensembles, exports and the report's external check apply these as they are:
+nothing is fitted again on the images they score.
 """
 
 from dataclasses import dataclass, field
@@ -9,9 +13,20 @@ from fetalbrain.runs.checkpoints import run_directory
 from fetalbrain.runs.layout import CONFIG_FILE, SUMMARY_FILE, read_summary
 
 DEFAULT_CALIBRATION_BINS = 15  # training's evaluation.calibration_bins default, for a checkpoint without its run
+TEMPERATURE = "calibration/temperature"
 
 
-# ---- the checkpoint and its run's choices ----------------------------------------------------------------
+def screening_thresholds(metrics: dict) -> dict[str, float]:
+    """The screening thresholds (``screening/<rule>/threshold``, chosen on validation) by rule, from a run's
+    metrics (its metrics.json, or the report's metrics while it is written)."""
+    thresholds = {}
+    for key, value in metrics.items():
+        parts = key.split("/")
+        if parts[0] == "screening" and len(parts) == 3 and parts[2] == "threshold":
+            thresholds[parts[1]] = float(value)
+    return thresholds
+
+
 @dataclass
 class RunChoices:
     """What the checkpoint's run fitted on its validation part, and where that was read."""
@@ -26,14 +41,20 @@ class RunChoices:
     notes: list[str] = field(default_factory=list)
     no_temperature: str = "needs the run's temperature, which was not found"  # why, when temperature is None
     ensemble: str | None = None  # for several checkpoints: how their outputs and choices are combined
+    preprocessing: dict | None = None  # the checkpoint's (``model.preprocessing``), when its contents were given
+    tta: str = "none"  # the checkpoint's ``model.tta``
 
 
-def run_choices(checkpoint: Path) -> RunChoices:
-    """The thresholds (``screening/<rule>/threshold``), temperature (``calibration/temperature``) and
-    calibration bins of the run the checkpoint belongs to; notes say what is missing or may not fit."""
+def run_choices(checkpoint: Path, state: dict | None = None) -> RunChoices:
+    """The thresholds, temperature and calibration bins of the run the checkpoint belongs to; notes say what is
+    missing or may not fit. ``state``: the checkpoint's contents, when read already (``read_checkpoint``), for
+    its preprocessing and test-time augmentation."""
     from omegaconf import OmegaConf
 
     choices = RunChoices(checkpoint=checkpoint)
+    if state is not None:
+        hparams = state["hyper_parameters"]
+        choices.preprocessing, choices.tta = hparams["preprocessing"], hparams.get("tta", "none")
     run_dir = run_directory(checkpoint)
     if not (run_dir / SUMMARY_FILE).is_file():
         choices.notes.append(
@@ -44,12 +65,9 @@ def run_choices(checkpoint: Path) -> RunChoices:
     summary = read_summary(run_dir)
     metrics = summary.get("metrics") or {}
     choices.run_dir, choices.source = run_dir, str(run_dir / SUMMARY_FILE)
-    for key, value in metrics.items():
-        parts = key.split("/")
-        if parts[0] == "screening" and len(parts) == 3 and parts[2] == "threshold":
-            choices.thresholds[parts[1]] = float(value)
-    if metrics.get("calibration/temperature") is not None:
-        choices.temperature = float(metrics["calibration/temperature"])
+    choices.thresholds = screening_thresholds(metrics)
+    if metrics.get(TEMPERATURE) is not None:
+        choices.temperature = float(metrics[TEMPERATURE])
     if metrics.get("ood/test_flag_rate") is not None:
         choices.ood_test_flag_rate = float(metrics["ood/test_flag_rate"])
     if (run_dir / CONFIG_FILE).is_file():

@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fetalbrain import PROJECT_ROOT
+from fetalbrain.project import PROJECT_ROOT
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ restores weights, optimizer, LR scheduler, loop counters and the callbacks' stat
 RNG states (this module's callback, saved in every checkpoint), augmentation seeded from the epoch
 rather than from the process's history (``UltrasoundDataset.set_epoch``), shuffling unshifted by
 persistent workers starting late (``FetalBrainDataModule._loader``), the best-so-far metric (a
-persistent ``MaxMetric``) and the W&B run (``tracking.record_wandb_run``). Hydra's run folder is the
+persistent ``MaxMetric``) and the W&B run (``training.tracking.record_wandb_run``). Hydra's run folder is the
 resumed one and its ``.hydra/`` stays as the original run wrote it (``conf/hydra/default.yaml``).
 
 Sweeps: a multirun job whose folder already holds its run (the same sweep started again with

@@ -15,10 +15,8 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
-from fetalbrain.evaluation import baselines, external_normals, ood
-from fetalbrain.evaluation.hierarchy import check_groups
+from fetalbrain.evaluation.checks import check_options
 from fetalbrain.evaluation.model_card import write_model_card
-from fetalbrain.evaluation.screening import screening_rules
 from fetalbrain.runs.layout import CONFIG_FILE, LAST_CHECKPOINT, SUMMARY_FILE, write_json
 from fetalbrain.runs.resume import ReproducibleEpochs
 from fetalbrain.training.ddp import ranks
@@ -29,23 +27,11 @@ log = logging.getLogger(__name__)
 
 
 def check_evaluation(cfg: DictConfig) -> None:
-    """Refuse bad ``evaluation.ood``, ``external``, ``nearest_neighbour`` and ``hierarchy`` settings by key, before
-    anything is built or trained: the report reads them only after training, where a typo would cost the whole run
-    and then give only a note. Classification runs only (a generator writes no such report); a section the config
-    lacks (a resumed run from before it existed) or has switched off is not read, so it is not checked."""
-    if getattr(get_class(cfg.model._target_), "task", None) != "classification":
-        return
-    evaluation = cfg.get("evaluation") or {}
-    ood_options, external = evaluation.get("ood"), evaluation.get("external")
-    if ood_options is not None and ood_options.get("enabled"):
-        ood.check_options(ood_options)
-    if external is not None and external.get("enabled"):
-        external_normals.check_options(external, screening_rules(evaluation.screening_min_sensitivity))
-    nearest, hierarchy = evaluation.get("nearest_neighbour"), evaluation.get("hierarchy")
-    if nearest is not None and nearest.get("enabled"):
-        baselines.check_options(nearest)
-    if hierarchy is not None and hierarchy.get("enabled"):
-        check_groups(hierarchy.get("groups"), None)  # their shape now; their classes once the data are read
+    """Refuse bad settings of the report's checks (``evaluation.checks``) by key, before anything is built or
+    trained: the report reads them only after training, where a typo would cost the whole run and then give only a
+    note. Classification runs only (a generator writes no such report)."""
+    if getattr(get_class(cfg.model._target_), "task", None) == "classification":
+        check_options(cfg.get("evaluation") or {})
 
 
 def instantiate_group(group: DictConfig | None, **defaults) -> list:
@@ -74,9 +60,8 @@ def build(cfg: DictConfig):
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
     model = build_model(cfg, datamodule)
-    hierarchy = (cfg.get("evaluation") or {}).get("hierarchy")
-    if model.task == "classification" and hierarchy is not None and hierarchy.get("enabled"):
-        check_groups(hierarchy.get("groups"), datamodule.class_names)  # their classes, now that the data are read
+    if model.task == "classification":  # the checks' class names (hierarchy groups), now that the data are read
+        check_options(cfg.get("evaluation") or {}, datamodule.class_names)
     loggers = instantiate_group(cfg.get("logger"), job_type=model.task)
     callbacks = [
         c for c in instantiate_group(cfg.get("callbacks")) if loggers or not isinstance(c, LearningRateMonitor)

@@ -112,7 +112,7 @@ def continue_wandb_run(cfg: DictConfig, run_dir: Path) -> None:
 
 
 def log_report(loggers, report) -> None:
-    """A run's end-of-run report to W&B, once: its metrics and figures (a ``runs.Report``)."""
+    """A run's end-of-run report to W&B, once: its metrics and figures (a ``runs.layout.Report``)."""
     for logger in loggers:
         if isinstance(logger, WandbLogger):
             logger.log_metrics(report.metrics)

@@ -16,11 +16,12 @@ from fetalbrain.evaluation.any_dataset.scoring import (
     OODScores,
     Scorer,
     _fraction_key,
-    bootstrap_intervals,
     distribution_metrics,
 )
+from fetalbrain.evaluation.checks import Predictions
+from fetalbrain.evaluation.intervals import bootstrap_intervals
 from fetalbrain.evaluation.screening import both_classes
-from fetalbrain.evaluation.test_report import Predictions, per_class_table, predictions_table
+from fetalbrain.evaluation.test_report import per_class_table, predictions_table
 from fetalbrain.runs.choices import RunChoices
 
 
@@ -105,7 +106,9 @@ def write_evaluation_report(
     point = scorer.score()
     metrics = {
         **point,
-        **bootstrap_intervals(scorer, point, bootstrap["samples"], bootstrap["seed"], bootstrap["confidence"]),
+        **bootstrap_intervals(
+            scorer.score, point, len(probs), bootstrap["samples"], bootstrap["seed"], bootstrap["confidence"]
+        ),
         **distribution_metrics(scorer, quantiles),
         **{
             f"{PREFIX}screening/{rule}/threshold": t

@@ -189,33 +189,6 @@ class Scorer:
         return values
 
 
-def bootstrap_intervals(
-    scorer: Scorer, point: dict[str, float], samples: int, seed: int, confidence: float
-) -> dict[str, float]:
-    """``<key>_ci_low`` / ``<key>_ci_high``: percentile bootstrap over images (resampled with replacement).
-
-    Resamples where a number is undefined (e.g. one class drawn) are left out of that number's interval."""
-    if samples <= 0:
-        return {}
-    rng = np.random.default_rng(seed)
-    n = len(scorer.probs)
-    draws: dict[str, list[float]] = {key: [] for key in point}
-    for _ in range(samples):
-        values = scorer.score(rng.integers(0, n, n))
-        for key in point:
-            draws[key].append(values.get(key, np.nan))
-    tail = (1.0 - confidence) / 2
-    intervals = {}
-    for key, values in draws.items():
-        values = np.asarray(values, dtype=float)
-        values = values[np.isfinite(values)]
-        if len(values):
-            intervals[f"{key}_ci_low"], intervals[f"{key}_ci_high"] = (
-                float(v) for v in np.quantile(values, [tail, 1 - tail])
-            )
-    return intervals
-
-
 def distribution_metrics(scorer: Scorer, quantiles: list[float]) -> dict[str, float]:
     """Quantiles and means of the confidence (raw and at the run's temperature), of the abnormal score and of the
     OOD score."""
