@@ -1,1 +1,2 @@
-"""Networks (plain/separable CNN, timm backbones) and the LightningModule that trains them."""
+"""Networks (plain/separable CNN, timm backbones, the WGAN-GP) and the LightningModules that train them; each module
+declares its ``task`` and writes its own ``report`` after fit."""

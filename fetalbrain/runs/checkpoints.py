@@ -19,6 +19,13 @@ def run_directory(checkpoint: str | Path) -> Path:
     return Path(checkpoint).resolve().parent.parent
 
 
+def run_folders(checkpoint: str | Path) -> list[tuple[Path, Path]]:
+    """(run folder, checkpoint) for a checkpoint inside ``<run>/checkpoints/``: as given, then where a symbolic link
+    points (each once); empty when neither sits in a run's checkpoints folder."""
+    paths = dict.fromkeys((Path(checkpoint).absolute(), Path(checkpoint).resolve()))
+    return [(path.parent.parent, path) for path in paths if path.parent.name == CHECKPOINT_DIR]
+
+
 def best_checkpoint(run_dir: Path, summary: dict) -> Path | None:
     """The run's best checkpoint on disk: in its own ``checkpoints/`` (a run moved or copied elsewhere), else the
     path its summary records; None if neither is there."""

@@ -10,6 +10,7 @@ import json
 import logging
 from pathlib import Path
 
+from fetalbrain.runs.checkpoints import run_folders
 from fetalbrain.runs.layout import CHECKPOINT_DIR
 
 log = logging.getLogger(__name__)
@@ -45,10 +46,9 @@ def read_card(path: Path) -> dict:
 
 def find_card(checkpoint: Path) -> tuple[Path, Path] | None:
     """(card, checkpoint inside ``<run>/checkpoints/``) for a checkpoint as given, else where a symlink points."""
-    for path in dict.fromkeys((Path(checkpoint).absolute(), Path(checkpoint).resolve())):
-        card = path.parent.parent / CARD_JSON
-        if path.parent.name == CHECKPOINT_DIR and card.is_file():
-            return card, path
+    for run_dir, path in run_folders(checkpoint):
+        if (run_dir / CARD_JSON).is_file():
+            return run_dir / CARD_JSON, path
     return None
 
 

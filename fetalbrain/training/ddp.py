@@ -7,7 +7,7 @@ as ``python -m fetalbrain.distributed RUN_DIR/ddp_config.yaml`` with the resolve
 job is one run folder whatever launched it. Cluster launchers that start every rank themselves (SLURM
 tasks, torchrun) are left alone: Lightning's cluster environment reads their ranks.
 
-Usage: ``with ranks(trainer, cfg, run_dir): trainer.fit(...)``, and ``fetalbrain.distributed`` as the ranks' entry point.
+Usage: ``with ranks(trainer, cfg, run_dir): trainer.fit(...)``; ``fetalbrain.distributed`` is the ranks' entry point.
 """
 
 import logging
