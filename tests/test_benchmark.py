@@ -7,7 +7,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from fetalbrain.benchmark import markdown, run
+from fetalbrain.benchmarks.report import markdown
+from fetalbrain.benchmarks.suite import run
 from tests.conftest import CONF
 
 # Seconds, not minutes: tiny images, two timed steps, no loader workers. One torch thread: on a 2-core
@@ -162,7 +163,7 @@ def test_training_flops_are_counted_forward_and_backward():
     torch's own formula would count their weight gradient once per channel."""
     from torch import nn
 
-    from fetalbrain.benchmark import count_flops
+    from fetalbrain.benchmarks.flops import count_flops
 
     m, k, h, n = 8, 5, 7, 3
     mlp = nn.Sequential(nn.Linear(k, h), nn.ReLU(), nn.Linear(h, n))
@@ -182,7 +183,7 @@ def test_training_flops_are_counted_forward_and_backward():
 
 
 def test_mfu_arithmetic_and_peak_table():
-    from fetalbrain.benchmark import achieved_tflops, device_peak, model_flop_utilisation, table_peak_tflops
+    from fetalbrain.benchmarks.flops import achieved_tflops, device_peak, model_flop_utilisation, table_peak_tflops
 
     # 3 TFLOP per step, 60 img/s at batch 30 = 2 steps/s = 6 TFLOP/s; against a 20 TFLOP/s peak: 30 %.
     achieved = achieved_tflops(3e12, images_per_s=60, batch_size=30)
@@ -217,7 +218,8 @@ def test_mfu_arithmetic_and_peak_table():
 
 def test_gpu_preset_composes():
     """benchmark=gpu: the issue's measurement (Xception 299 px, EfficientNet-Lite0 224 px, bf16, compile)."""
-    from fetalbrain.benchmark import model_sizes, parallel_plan
+    from fetalbrain.benchmarks.parallel import parallel_plan
+    from fetalbrain.benchmarks.settings import model_sizes
 
     with initialize_config_dir(str(CONF), version_base="1.3"):
         bench = compose("benchmark", overrides=["benchmark=gpu"])
@@ -231,7 +233,7 @@ def test_gpu_preset_composes():
 
 
 def test_parallel_speedup_is_against_one_job():
-    from fetalbrain.benchmark import parallel_speedups
+    from fetalbrain.benchmarks.parallel import parallel_speedups
 
     rows = parallel_speedups([{"jobs": 1, "aggregate_img_s": 100.0}, {"jobs": 2, "aggregate_img_s": 150.0}])
     assert [r["vs_one_job"] for r in rows] == [1.0, 1.5]

@@ -84,7 +84,7 @@ def test_every_option_of_every_group_composes_and_instantiates(tmp_path, group):
             elif group == "trainer" and option in ("cpu", "default"):
                 assert isinstance(instantiate(cfg.trainer, logger=False), Trainer)
             elif group == "hparams_search":  # the search space parses: every key a distribution or a fixed value
-                from hydra_plugins.fetalbrain_plugins.optuna_sweeper import search_space
+                from hydra_plugins.fetalbrain_plugins.optuna_space import search_space
 
                 space, _ = search_space(OmegaConf.to_container(cfg.hydra.sweeper.params), [])
                 assert {"optimizer.lr", "model.label_smoothing"} <= set(space), option

@@ -21,6 +21,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 # Read the sweeper's names through the module: Hydra's plugin scan executes it again, rebinding its classes.
 import hydra_plugins.fetalbrain_plugins.optuna_sweeper as sweeper_module
 from fetalbrain.training.pruning import StudyStorageError, display_storage, open_storage
+from hydra_plugins.fetalbrain_plugins import optuna_files, optuna_space, optuna_trials
 from tests.conftest import CONF, ROOT, TINY, run_cli
 
 SWEEP = ["hparams_search=optuna", *TINY, "model=cnn"]
@@ -63,10 +64,10 @@ def test_study_runs_survives_a_failure_resumes_and_prunes(tmp_path):
     run_cli("train", *SWEEP, *PINNED, *GRID, *TOLERANT, "hydra.sweeper.n_trials=5", f"hydra.sweep.dir={first}")
     storage = first / "optuna_study.journal"
     assert job_folders(first) == ["0", "1"] and storage.is_file()
-    trials = pd.read_csv(first / sweeper_module.TRIALS_FILE).set_index("model.label_smoothing")
+    trials = pd.read_csv(first / optuna_files.TRIALS_FILE).set_index("model.label_smoothing")
     assert trials.loc[0.0, "state"] == "COMPLETE" and trials.loc[2.0, "state"] == "FAIL"
     assert "label_smoothing" in trials.loc[2.0, "note"] and trials.loc[0.0, "job_dir"].startswith(str(first))
-    results = yaml.safe_load((first / sweeper_module.RESULTS_FILE).read_text())
+    results = yaml.safe_load((first / optuna_files.RESULTS_FILE).read_text())
     assert results["best_params"] == {"model.label_smoothing": 0.0} and 0 <= results["best_value"] <= 1
     assert results["n_trials"] == 2 and results["trials"]["FAIL"] == 1 and results["storage"] == str(storage)
     assert "2 completed trials" in results["param_importances_note"]
@@ -88,7 +89,7 @@ def test_study_runs_survives_a_failure_resumes_and_prunes(tmp_path):
     assert job_folders(second) == ["2"] and not (second / "2" / "metrics.json").is_file()
     pruned = load(storage).trials[2]
     assert pruned.state == TrialState.PRUNED and list(pruned.intermediate_values) == [0]  # epoch 0, no sanity check
-    assert yaml.safe_load((second / sweeper_module.RESULTS_FILE).read_text())["trials"] == {
+    assert yaml.safe_load((second / optuna_files.RESULTS_FILE).read_text())["trials"] == {
         "RUNNING": 0,
         "COMPLETE": 1,
         "PRUNED": 1,
@@ -158,7 +159,7 @@ def test_sweepers_on_one_storage_count_the_study_s_trials_and_refuse_another_spa
     assert sweep(tmp_path, f"hydra.sweeper.storage={storage}", "hydra.sweeper.n_trials=3").batches == []
     assert len(sweep(tmp_path, f"hydra.sweeper.storage={storage}", "hydra.sweeper.n_trials=4").batches) == 1
 
-    with pytest.raises(sweeper_module.StudyMismatchError) as refused:
+    with pytest.raises(optuna_space.StudyMismatchError) as refused:
         sweep(tmp_path, f"hydra.sweeper.storage={storage}", "optimizer.lr=interval(0.001, 0.1)")
     assert str(storage) in str(refused.value) and "optimizer.lr: stored" in str(refused.value)
     assert len(load(storage).trials) == 4
@@ -166,7 +167,7 @@ def test_sweepers_on_one_storage_count_the_study_s_trials_and_refuse_another_spa
 
 def test_failures_count_against_max_failure_rate_and_stop_the_sweep_beyond_it(tmp_path):
     outcomes = iter([None, ValueError("out of memory"), 0.5, ValueError("out of memory")])  # None: no metric
-    with pytest.raises(sweeper_module.OptunaSweepError, match="max_failure_rate=0.25 x n_trials=8") as stopped:
+    with pytest.raises(optuna_space.OptunaSweepError, match="max_failure_rate=0.25 x n_trials=8") as stopped:
         sweep(
             tmp_path,
             "hydra.sweeper.n_trials=8",
@@ -174,7 +175,7 @@ def test_failures_count_against_max_failure_rate_and_stop_the_sweep_beyond_it(tm
             outcome=lambda _: next(outcomes),
         )
     assert "ValueError: out of memory" in str(stopped.value)
-    trials = pd.read_csv(tmp_path / "sweep" / sweeper_module.TRIALS_FILE)
+    trials = pd.read_csv(tmp_path / "sweep" / optuna_files.TRIALS_FILE)
     assert trials["state"].tolist() == ["FAIL", "FAIL", "COMPLETE", "FAIL"]  # 3 failures > 0.25 x 8
     assert "not a finite number" in trials["note"][0]
 
@@ -201,7 +202,7 @@ def test_trials_of_a_dead_sweeper_are_voided_and_queued_again(tmp_path):
     orphan_id = backend.get_trial_id_from_study_id_trial_number(
         backend.get_study_id_from_name("fetalbrain"), orphan.number
     )
-    backend.set_trial_system_attr(orphan_id, sweeper_module.HEARTBEAT_ATTR, time.time() - 600)  # 10 min silent
+    backend.set_trial_system_attr(orphan_id, optuna_trials.HEARTBEAT_ATTR, time.time() - 600)  # 10 min silent
 
     resumed = sweep(tmp_path, f"hydra.sweeper.storage={storage}", "hydra.sweeper.n_trials=3")
     trials = load(storage).trials
@@ -209,7 +210,7 @@ def test_trials_of_a_dead_sweeper_are_voided_and_queued_again(tmp_path):
     (requeued,) = [t for t in trials if t.user_attrs.get("requeued_from") == orphan.number]
     assert requeued.params["optimizer.lr"] == orphan.params["optimizer.lr"] and requeued.state == TrialState.COMPLETE
     assert sum(t.state == TrialState.COMPLETE for t in trials) == 3 and len(resumed.batches) == 2
-    results = yaml.safe_load((tmp_path / "sweep" / sweeper_module.RESULTS_FILE).read_text())
+    results = yaml.safe_load((tmp_path / "sweep" / optuna_files.RESULTS_FILE).read_text())
     assert results["void_trials"] == 1 and results["trials"]["COMPLETE"] == 3
 
 
@@ -225,7 +226,7 @@ def test_sweep_grammar_becomes_optuna_distributions():
         "optimizer.weight_decay": "interval(0.0, 0.1)",
         "data/transforms": "choice(default, strong)",
     }
-    space, fixed = sweeper_module.search_space(
+    space, fixed = optuna_space.search_space(
         params, ["optimizer.weight_decay=0.01", "+trainer.limit_train_batches=2", "s=a,b"]
     )
     assert space == {
@@ -238,8 +239,8 @@ def test_sweep_grammar_becomes_optuna_distributions():
     }
     assert fixed == ["optimizer.weight_decay=0.01", "+trainer.limit_train_batches=2"]  # a fixed value pins a key
     for bad in ("x=glob(*)", "x=tag(log, interval(0, 1))", "x=tag(log, choice(1, 2))"):
-        with pytest.raises(sweeper_module.OptunaSweepError, match="x"):
-            sweeper_module.search_space({}, [bad])
+        with pytest.raises(optuna_space.OptunaSweepError, match="x"):
+            optuna_space.search_space({}, [bad])
 
 
 def test_trial_n_draws_with_seed_plus_n_so_a_resumed_study_draws_what_an_unbroken_one_would():
@@ -267,7 +268,7 @@ def test_trial_n_draws_with_seed_plus_n_so_a_resumed_study_draws_what_an_unbroke
 def test_parameter_values_parse_back_from_their_overrides():
     parser = OverridesParser.create()
     for value in (0.0001, 1e-05, 3, 2.0, True, "default", "strong/v2", "a b", "it's", "1e-3", "null", "x:y"):
-        assert parser.parse_override(f"key={sweeper_module.format_value(value)}").value() == value, value
+        assert parser.parse_override(f"key={optuna_space.format_value(value)}").value() == value, value
 
 
 def test_space_differences_name_the_parameters():
@@ -278,9 +279,9 @@ def test_space_differences_name_the_parameters():
 
     stored = as_json({"lr": FloatDistribution(1e-4, 1e-2, log=True), "bs": CategoricalDistribution([16, 32])})
     configured = as_json({"lr": FloatDistribution(1e-3, 1e-1, log=True), "wd": FloatDistribution(0.0, 0.1)})
-    differences = sweeper_module.space_differences(stored, configured)
+    differences = optuna_space.space_differences(stored, configured)
     assert [d.split()[0] for d in differences] == ["bs", "lr:", "wd"]
-    assert sweeper_module.space_differences(stored, dict(stored)) == []
+    assert optuna_space.space_differences(stored, dict(stored)) == []
 
 
 def test_storage_refuses_files_that_are_not_journals(tmp_path):
@@ -320,11 +321,11 @@ def test_job_results_become_trial_states():
 def test_summary_has_best_trial_importances_and_plots(tmp_path):
     study = optuna.create_study(storage=open_storage(str(tmp_path / "s.journal")), study_name="s", direction="maximize")
     study.optimize(lambda t: t.suggest_float("lr", 0.0, 1.0) - 0.1 * t.suggest_int("depth", 1, 4), n_trials=8)
-    results = sweeper_module.write_summary(study, tmp_path / "sweep", storage="s.journal", n_trials=8)
+    results = optuna_files.write_summary(study, tmp_path / "sweep", storage="s.journal", n_trials=8)
     assert results["best_value"] == pytest.approx(study.best_value) and results["best_params"] == study.best_params
     assert set(results["param_importances"]) == {"lr", "depth"}
-    assert (tmp_path / "sweep" / sweeper_module.IMPORTANCE_PLOT).is_file()
-    assert len(pd.read_csv(tmp_path / "sweep" / sweeper_module.TRIALS_FILE)) == 8
+    assert (tmp_path / "sweep" / optuna_files.IMPORTANCE_PLOT).is_file()
+    assert len(pd.read_csv(tmp_path / "sweep" / optuna_files.TRIALS_FILE)) == 8
 
 
 # ------------------------------------------------------------------------------------ slow
@@ -364,7 +365,7 @@ def test_a_killed_sweep_resumes_and_requeues_its_interrupted_trial(tmp_path):
     requeued = [t for t in trials if t.user_attrs.get("requeued_from") == killed.number]
     assert len(requeued) == 1 and requeued[0].params == killed.params and requeued[0].state == TrialState.COMPLETE
     assert sum(t.state == TrialState.COMPLETE for t in trials) == 2 and len(trials) == 3
-    results = yaml.safe_load((tmp_path / "resumed" / sweeper_module.RESULTS_FILE).read_text())
+    results = yaml.safe_load((tmp_path / "resumed" / optuna_files.RESULTS_FILE).read_text())
     assert results["void_trials"] == 1 and results["trials"]["COMPLETE"] == 2
 
 
@@ -387,8 +388,7 @@ def test_two_sweepers_share_one_sqlite_study_and_stop_together(tmp_path):
     assert ran == sorted(t.number for t in counted)  # each trial ran once, in one worker
     for i in range(2):  # both wrote the same study's summary
         assert (
-            yaml.safe_load((tmp_path / f"worker{i}" / sweeper_module.RESULTS_FILE).read_text())["trials"]["COMPLETE"]
-            == 3
+            yaml.safe_load((tmp_path / f"worker{i}" / optuna_files.RESULTS_FILE).read_text())["trials"]["COMPLETE"] == 3
         )
 
 
@@ -423,4 +423,4 @@ def test_too_many_failures_stop_the_sweep_with_the_reason(tmp_path):
     )
     assert "Optuna sweep stopped" in failed.stderr and "label_smoothing" in failed.stderr, failed.stderr[-2000:]
     assert job_folders(tmp_path) == ["0"]
-    assert yaml.safe_load((tmp_path / sweeper_module.RESULTS_FILE).read_text())["trials"]["FAIL"] == 1
+    assert yaml.safe_load((tmp_path / optuna_files.RESULTS_FILE).read_text())["trials"]["FAIL"] == 1
