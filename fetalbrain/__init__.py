@@ -21,6 +21,11 @@ def _register_resolvers() -> None:
         OmegaConf.register_new_resolver("run_dir", _run_dir)
     if not OmegaConf.has_resolver("hydra_subdir"):
         OmegaConf.register_new_resolver("hydra_subdir", _hydra_subdir)
+    # conf/hydra/help/*.yaml: --help lists each group's choices as they are on disk, without internal files.
+    if not OmegaConf.has_resolver("config_groups"):
+        from fetalbrain.project import config_groups
+
+        OmegaConf.register_new_resolver("config_groups", config_groups)
 
 
 def _run_dir(resume, new_run_dir: str) -> str:

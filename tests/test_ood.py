@@ -49,7 +49,7 @@ def test_ood_score_ranks_a_non_ultrasound_image_above_real_test_images(run, pred
     own predictions.csv. A photograph and a checkerboard score above every one of them even with this barely
     trained model (1 epoch of 2 batches at 64 px, ImageNet features); a text page, closer to the grey, low-detail
     look of ultrasound for such a weak model, above most of them (the median), and the report's AUROC over the
-    whole OOD set is high. The default run separates them far better (README)."""
+    whole OOD set is high. The default run separates them far better (docs/evaluation.md)."""
     test_paths = pd.read_csv(run["dir"] / "predictions.csv")["path"].tolist()
     real = np.array([predictor.predict_file(p, heatmap=False).ood_score for p in test_paths])
     assert len(real) >= 8
