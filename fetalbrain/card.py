@@ -5,15 +5,15 @@ checkpoint; ``fetalbrain.runs.integrity`` checks a checkpoint against them befor
 numbers always describe the weights in use. Rewriting a card keeps those hashes: a changed checkpoint
 is refused unless ``rehash`` says the new weights are accepted.
 
-``python -m fetalbrain.card RUN_DIR [--write [--rehash]] [--folds DIR ...]`` prints the card and checks
-the checkpoints against it.
+``python -m fetalbrain.card RUN_DIR [--write [--rehash]] [--folds DIR ...]`` prints the card, checks the
+checkpoints against it and ``model_card.md``'s front matter (the Hub's metadata) against ``metrics.json``, offline.
 """
 
 import argparse
 import sys
 from pathlib import Path
 
-from fetalbrain.evaluation.model_card import CARD_MD, render_markdown, write_model_card
+from fetalbrain.evaluation.model_card import CARD_MD, front_matter_problems, render_markdown, write_model_card
 from fetalbrain.runs.integrity import CARD_JSON, CheckpointIntegrityError, check_checkpoints, read_card
 from fetalbrain.runs.layout import SUMMARY_FILE
 
@@ -21,7 +21,8 @@ from fetalbrain.runs.layout import SUMMARY_FILE
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m fetalbrain.card",
-        description="Print a run's model card (writing it when asked or missing) and check its checkpoints.",
+        description="Print a run's model card (writing it when asked or missing); check its checkpoints and its "
+        "front matter (the Hugging Face Hub's metadata), offline.",
     )
     parser.add_argument("run_dir", type=Path, help="a run directory (holds metrics.json)")
     parser.add_argument(
@@ -60,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     width = max((len(name) for name, _, _ in results), default=0)
     for name, status, detail in results:
         print(f"{status:<8} {name:<{width}}  {detail}")
+    problems = front_matter_problems(run_dir)
+    for problem in problems:
+        print(f"error: front matter: {problem}", file=sys.stderr)
     bad = [name for name, status, _ in results if status != "OK"]
     if bad:
         print(
@@ -69,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             "the card's metrics may not describe them.",
             file=sys.stderr,
         )
+    if bad or problems:
         return 1
     if not card.get("checkpoints"):
         print("note: the card lists no checkpoint", file=sys.stderr)

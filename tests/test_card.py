@@ -12,10 +12,11 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from huggingface_hub import ModelCard, metadata_load
 
 from fetalbrain.card import main
 from fetalbrain.compare import summarise
-from fetalbrain.evaluation.model_card import write_model_card
+from fetalbrain.evaluation.model_card import HC18, ROBOFLOW, front_matter_problems, write_model_card
 from fetalbrain.runs.integrity import CheckpointIntegrityError, find_card, sha256_file, verify_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +31,7 @@ def make_run(
         "seed": 42,
         "model": {"name": "cnn", "_target_": "fetalbrain.models.classifier.Classifier"},
         "data": {
-            "root": "/data/fetal",
+            "root": "/data/fetal-brain-ultrasound",
             "image_size": 32,
             "batch_size": 8,
             "splitter": "grouped",
@@ -73,7 +74,7 @@ def make_run(
             "seed": 42,
         },
         "data": {
-            "root": "/data/fetal",
+            "root": "/data/fetal-brain-ultrasound",
             "split": {
                 "splitter": "grouped",
                 "part_sizes": {"train": 1000, "val": 200, "test": 176},
@@ -185,6 +186,94 @@ def test_card_copes_with_missing_keys_and_a_generator_is_not_a_classifier(tmp_pa
     assert "classif" not in markdown.lower()
     # no dataset facts invented for a run whose data config states none
     assert not any(word in " ".join(card["limitations"]) for word in ("BCNatal", "212", "81 cases", "single case"))
+    metadata = metadata_load(run / "model_card.md")  # no pipeline tag fits a class-conditional generator
+    assert "gan" in metadata["tags"] and "pipeline_tag" not in metadata and "model-index" not in metadata
+    assert metadata["license"] == "unknown" and front_matter_problems(run) == []
+
+
+def test_front_matter_is_hub_metadata_that_matches_metrics_json(tmp_path):
+    run = make_run(tmp_path / "run")
+    summary = json.loads((run / "metrics.json").read_text())
+    external = {"external/normal_specificity": 0.2, "external/test_normal_specificity": 0.9}
+    summary["metrics"] |= {**external, "external/normal_specificity_ci_low": 0.1}
+    (run / "metrics.json").write_text(json.dumps(summary))
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["evaluation"] = {"external": {"root": "/data/hc18-normal-heads", "name": "HC18, Radboud UMC"}}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    write_model_card(run)
+
+    card = ModelCard.load(run / "model_card.md")  # a path: read here, never fetched
+    assert card.text.lstrip().startswith("# Model card: cnn (run)")
+    data = card.data
+    assert (data.license, data.pipeline_tag, data.library_name) == ("cc-by-4.0", "image-classification", "pytorch")
+    tags = {"medical-imaging", "ultrasound", "image-classification", "fetal-brain", "cnn", "plaincnn", "lightning"}
+    assert tags <= set(data.tags)
+    assert data.datasets == [ROBOFLOW["id"], HC18["id"]]
+    results = {r.metric_name: r for r in data.eval_results}
+    metrics = summary["metrics"]
+    expected = {k: v for k, v in metrics.items() if k.startswith("test/") and math.isfinite(v)}
+    assert {k: r.metric_value for k, r in results.items()} == {**expected, "screening/test_auroc": 0.99, **external}
+    f1 = results["test/f1_macro"]
+    assert (f1.metric_type, f1.dataset_type, f1.dataset_split) == ("f1", ROBOFLOW["id"], "test")
+    assert f1.dataset_args == {"splitter": "grouped", "fold": 0, "num_folds": 5, "group_level": "case"}
+    hc18 = results["external/normal_specificity"]
+    assert (hc18.dataset_type, hc18.dataset_split) == (HC18["id"], None)
+    assert results["external/test_normal_specificity"].dataset_type == ROBOFLOW["id"]  # this run's own test normals
+    assert front_matter_problems(run) == []
+    assert "## Licence" in card.text and "MIT-licensed" in card.text
+
+    summary["data"]["root"] = "/scans/our-hospital"  # a folder the project does not know: no identifier invented
+    (run / "metrics.json").write_text(json.dumps(summary))
+    write_model_card(run)
+    data = ModelCard.load(run / "model_card.md").data
+    assert data.license == "unknown" and data.datasets == [HC18["id"]]
+    assert {r.dataset_name for r in data.eval_results} == {"our-hospital (local folder)", HC18["name"]}
+
+
+def test_card_names_what_is_wrong_with_the_front_matter(tmp_path, capsys):
+    run = make_run(tmp_path / "run")
+    write_model_card(run)
+    path = run / "model_card.md"
+    written = path.read_text()
+    body = written.split("\n---\n", 1)[1]
+    cases = {
+        "a card from before": (body, ["has no front matter", "--write"]),
+        "broken YAML": ("---\nlicense: [cc-by-4.0\n---\n" + body, ["does not parse"]),
+        "a broken model-index": ("---\nlicense: mit\nmodel-index: [{}]\n---\n" + body, ["does not parse"]),
+        "a changed value": (
+            written.replace("value: 0.14\n", "value: 0.15\n"),
+            ["test/f1_macro is 0.15, metrics.json says 0.14"],
+        ),
+        "missing fields": (
+            written.replace("license: cc-by-4.0\n", "").replace("pipeline_tag: image-classification\n", ""),
+            ["license is missing", "pipeline_tag None: a classification run's is 'image-classification'"],
+        ),
+    }
+    for what, (text, messages) in cases.items():
+        path.write_text(text)
+        assert main([str(run)]) == 1, what
+        error = capsys.readouterr().err
+        assert all(message in error for message in messages), (what, error)
+    path.unlink()
+    assert main([str(run)]) == 1 and "model_card.md is missing" in capsys.readouterr().err
+
+    summary = json.loads((run / "metrics.json").read_text())
+    summary["metrics"]["test/nll"] = 0.5  # e.g. a metric added after the card was written
+    (run / "metrics.json").write_text(json.dumps(summary))
+    assert main([str(run), "--write"]) == 0  # the card rewritten: nothing wrong
+    path.write_text(written)
+    assert main([str(run)]) == 1 and "model-index has no result test/nll" in capsys.readouterr().err
+
+
+def test_card_shows_the_pictures_in_the_run_folder(tmp_path):
+    run = make_run(tmp_path / "run")
+    for name in ("training_curves.png", "reliability.png"):
+        (run / name).write_bytes(b"\x89PNG")
+    assert write_model_card(run)["figures"] == ["training_curves.png", "reliability.png"]
+    markdown = (run / "model_card.md").read_text()
+    assert "](training_curves.png)" in markdown and "](reliability.png)" in markdown  # relative: renders anywhere
+    for absent in ("per_class_recall.png", "confusion_matrix_normalised.png", "external_normals.png"):
+        assert absent not in markdown, absent
 
 
 def test_integrity_imports_nothing_heavy():
@@ -316,6 +405,7 @@ def test_card_shows_the_ood_detector_and_the_external_check(trained_checkpoint, 
     assert "## Out-of-distribution detector" in markdown and "## External normal check" in markdown
     assert f"| `external/normal_specificity` | {metrics['external/normal_specificity']:.4f} |" in markdown
     warned = metrics["external/normal_specificity"] < 0.5  # the config's default warn_below
+    assert front_matter_problems(run_dir) == []  # a real run's front matter: every test and external result
     assert any("may follow the acquisition source" in item for item in card["limitations"]) == warned
 
     run = make_run(tmp_path / "run")

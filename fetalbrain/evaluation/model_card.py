@@ -5,6 +5,10 @@ checkpoint; ``fetalbrain.runs.integrity`` checks a checkpoint against them befor
 numbers always describe the weights in use. Rewriting a card keeps those hashes: a changed checkpoint
 is refused unless ``rehash`` says the new weights are accepted. Written by every run (``training.fit``) and by
 ``python -m fetalbrain.card``.
+
+``model_card.md`` opens with the Hugging Face Hub's metadata (licence, datasets, tags, the test results as a
+``model-index``), made by ``huggingface_hub`` and checked offline by ``front_matter_problems``: the card can be a
+Hub repository's README as it is.
 """
 
 import logging
@@ -13,6 +17,7 @@ from datetime import datetime
 from pathlib import Path
 
 import yaml
+from huggingface_hub import EvalResult, ModelCardData, metadata_load
 
 from fetalbrain.data.classes import display_name
 from fetalbrain.evaluation.external_normals import DEFAULT_WARN_BELOW
@@ -73,6 +78,54 @@ EXTERNAL = {
 
 
 SOURCE_BOUND = "the normal-vs-abnormal decision may follow the acquisition source"
+
+
+# Datasets known by the folder name of their copy (data/, data.download's full export, the export's own name): a
+# stable identifier that is no Hub id (a Roboflow Universe address, a DOI) and the licence they are published under.
+ROBOFLOW = {
+    "name": "Fetal Brain Abnormalities Ultrasound v1 (Roboflow Universe)",
+    "id": "https://universe.roboflow.com/hritwik-trivedi-gkgrv/fetal-brain-abnormalities-ultrasound/dataset/1",
+    "license": "cc-by-4.0",
+}
+HC18 = {
+    "name": "HC18 normal fetal heads, Radboud UMC (subset)",
+    "id": "https://doi.org/10.5281/zenodo.1327317",
+    "license": "cc-by-4.0",
+}
+KNOWN_DATASETS = {
+    "fetal-brain-ultrasound": ROBOFLOW,
+    "fetal-brain-ultrasound-full": ROBOFLOW,
+    "fetal-brain-ultrasound-v1": ROBOFLOW,
+    "hc18-normal-heads": HC18,
+}
+
+
+# Hub metadata. A class-conditional generator has no Hub pipeline tag: it gets none rather than a wrong one.
+TAGS = ["medical-imaging", "ultrasound", "fetal-brain", "pytorch", "lightning"]
+TASK_TAGS = {"classification": ["image-classification"], "generation": ["image-generation", "gan"]}
+PIPELINE_TAGS = {"classification": "image-classification"}
+HUB_METRIC_TYPES = {  # a result's metric type (its metrics.json key is its name): the Hub's id, where it has one
+    "f1_macro": "f1",
+    "precision_macro": "precision",
+    "recall_macro": "recall",
+    "auroc_macro": "roc_auc",
+    "test_auroc": "roc_auc",
+    "ece_temperature_scaled": "ece",
+    "nll_temperature_scaled": "nll",
+    "normal_specificity": "specificity",
+    "test_normal_specificity": "specificity",
+}
+
+
+# The run's pictures, in the card's order, as relative links: the card shows them on the Hub and in a file browser.
+FIGURES = {
+    "training_curves.png": "Loss, macro F1 and learning rate per epoch",
+    "confusion_matrix_normalised.png": "Confusion matrix of the test part, each true class normalised",
+    "per_class_recall.png": "Recall of each class on the test part, with intervals",
+    "reliability.png": "Reliability diagram of the test part",
+    "ood_scores.png": "Out-of-distribution scores",
+    "external_normals.png": "External normal check: abnormal scores of normal heads from another hospital",
+}
 
 
 # ---- building the card ---------------------------------------------------------------------------------
@@ -194,6 +247,23 @@ def _limitations(task: str, data: dict, metrics: dict, config: dict | None = Non
     return items
 
 
+def _dataset(root, role: str, name: str | None = None) -> dict:
+    """A dataset known by its folder's name; else named, marked as a local folder: no identifier, licence unknown."""
+    folder = Path(str(root)).name if root else None
+    name = name or folder
+    known = KNOWN_DATASETS.get(folder) or {"name": f"{name} (local folder)" if name else "unknown", "id": None}
+    return {"license": None, **known, "role": role}
+
+
+def _datasets(root, metrics: dict, config: dict) -> list[dict]:
+    """The training data, and the external check's set when it ran."""
+    datasets = [_dataset(root, "training")]
+    if any(k.startswith("external/") for k in metrics):
+        external = (config.get("evaluation") or {}).get("external") or {}
+        datasets.append(_dataset(external.get("root"), "external", external.get("name")))
+    return datasets
+
+
 def build_card(run_dir: Path, folds: list[Path] | None = None) -> dict:
     """The card's content from the run directory alone (metrics.json, config.yaml, checkpoints/)."""
     run_dir = Path(run_dir)
@@ -206,6 +276,7 @@ def build_card(run_dir: Path, folds: list[Path] | None = None) -> dict:
     data_cfg, model_cfg, trainer_cfg = (config.get(k) or {} for k in ("data", "model", "trainer"))
     task = task_of(summary)
     keys = _summary_keys(metrics, task)
+    root = data.get("root", data_cfg.get("root"))
     thresholds: dict[str, dict] = {}
     for key, value in metrics.items():
         parts = key.split("/")
@@ -229,7 +300,8 @@ def build_card(run_dir: Path, folds: list[Path] | None = None) -> dict:
             "pretrained_source": run.get("pretrained_source"),
         },
         "data": {
-            "root": data.get("root", data_cfg.get("root")),
+            "root": root,
+            "datasets": _datasets(root, metrics, config),
             "splitter": split.get("splitter", data_cfg.get("splitter")),
             "fold": data_cfg.get("fold"),
             "num_folds": data_cfg.get("num_folds"),
@@ -273,6 +345,7 @@ def build_card(run_dir: Path, folds: list[Path] | None = None) -> dict:
         },
         "limitations": _limitations(task, data, metrics, config),
         "notes": notes,
+        "figures": [name for name in FIGURES if (run_dir / name).is_file()],
         "best_checkpoint": Path(best).name if best else None,
         "checkpoints": {p.name: sha256_file(p) for p in sorted((run_dir / CHECKPOINT_DIR).glob("*.ckpt"))},
     }
@@ -329,12 +402,85 @@ def _pairs(pairs: dict) -> list[str]:
     return _table(["", ""], [[f"**{k}**", v] for k, v in pairs.items()])
 
 
+def _model_name(card: dict) -> str:
+    return f"{card['model'].get('name') or 'model'} ({Path(card['run_dir']).name})"
+
+
+def _result_keys(metrics: dict, task: str) -> list[str]:
+    """A classifier's own results, for the model-index: on the test part and on the external check's set."""
+    if task != "classification":
+        return []
+    results = {"screening/test_auroc", *EXTERNAL}
+    return sorted(k for k, v in metrics.items() if _finite(v) and (k.startswith("test/") or k in results))
+
+
+def _measured_on(key: str) -> str:
+    return "external" if key.startswith("external/") and not key.startswith("external/test_") else "training"
+
+
+def front_matter(card: dict) -> str:
+    """The Hub's metadata, YAML between ``---`` lines, made by huggingface_hub so that the Hub reads what it wrote."""
+    model, data, task = card["model"], card["data"], card["task"]
+    datasets = {d["role"]: d for d in data.get("datasets") or []}  # none in a card written before the metadata
+    split = {k: data[k] for k in ("splitter", "fold", "num_folds", "group_level") if data.get(k) is not None}
+    results = []
+    for key in _result_keys(card["metrics"]["run"], task):
+        role = _measured_on(key)
+        if role in datasets:
+            name = key.rsplit("/", 1)[-1]
+            results.append(
+                EvalResult(
+                    task_type="image-classification",
+                    task_name="Fetal brain ultrasound classification",
+                    dataset_type=datasets[role]["id"] or datasets[role]["name"],  # a local folder: its name, marked
+                    dataset_name=datasets[role]["name"],
+                    dataset_split="test" if role == "training" else None,
+                    dataset_args=(split or None) if role == "training" else None,
+                    metric_type=HUB_METRIC_TYPES.get(name, name),
+                    metric_name=key,  # as in metrics.json, which the card's check compares it with
+                    metric_value=card["metrics"]["run"][key],
+                )
+            )
+    net = str(model["net"]).rsplit(".", 1)[-1].lower() if model.get("net") else None
+    metadata = ModelCardData(
+        license=(datasets.get("training") or {}).get("license") or "unknown",
+        library_name="pytorch",
+        pipeline_tag=PIPELINE_TAGS.get(task),
+        tags=[*TAGS, *TASK_TAGS.get(task, []), *(t for t in (model.get("name"), net) if t)],
+        datasets=[d["id"] for d in datasets.values() if d["id"]] or None,
+        metrics=sorted({r.metric_type for r in results}) or None,
+        model_name=_model_name(card) if results else None,
+        eval_results=results or None,
+    )
+    return f"---\n{metadata.to_yaml()}\n---\n"
+
+
+def _licence(card: dict) -> list[str]:
+    """The weights take the training data's licence (CC BY 4.0: attribution travels with them); MIT is the code's."""
+    datasets = card["data"].get("datasets") or []
+    licence = next((d["license"] for d in datasets if d["role"] == "training"), None)
+    if licence:
+        text = f"**Weights: `{licence}`**: the licence of the data they were learnt from, whose attribution they carry."
+    else:
+        text = "**Weights: licence unknown.** The card names no licence of the training data, which decides it."
+    text += " The fetalbrain code that trained them is MIT-licensed; that licence covers the code, not these weights."
+    source = card["model"].get("pretrained_source")
+    if source and not str(source).startswith("none"):
+        text += f" They started from pretrained weights ({source}), which keep their own terms."
+    roles = {"training": "training, validation and test", "external": "external check, never trained on"}
+    lines = ["## Licence", "", text, ""]
+    for d in datasets:
+        name = f"[{d['name']}]({d['id']})" if d["id"] else d["name"]
+        lines.append(f"- {name}: {roles[d['role']]}; licence {d['license'] or 'unknown'}")
+    return lines + [""]
+
+
 def render_markdown(card: dict) -> str:
     """A readable rendering of the card: the same facts, in sections and tables."""
     model, data, training = card["model"], card["data"], card["training"]
-    title = f"# Model card: {model.get('name') or 'model'} ({Path(card['run_dir']).name})"
     lines = [
-        title,
+        front_matter(card),
+        f"# Model card: {_model_name(card)}",
         "",
         "> Research software. Not a medical device and not for diagnosis.",
         "",
@@ -435,6 +581,10 @@ def render_markdown(card: dict) -> str:
                 interval = f"[{_fmt(low)}, {_fmt(high)}]" if low is not None and high is not None else "—"
                 rows.append([label, f"`{key}`", ext[key], interval])
         lines += _table(["", "key", "value", "interval (bootstrap over subjects)"], rows)
+    if card.get("figures"):
+        lines += ["## Figures", ""]
+        for name in card["figures"]:
+            lines += [f"**{FIGURES.get(name, name)}**", "", f"![{FIGURES.get(name, name)}]({name})", ""]
     lines += ["## Training", ""]
     optimizer, scheduler = training.get("optimizer") or {}, training.get("scheduler") or {}
     lines += _pairs(
@@ -455,6 +605,7 @@ def render_markdown(card: dict) -> str:
     lines += ["", "**Limitations.**", "", *[f"- {item}" for item in card["limitations"]], ""]
     if card.get("notes"):
         lines += ["**Notes from the run.**", "", *[f"- {note}" for note in card["notes"]], ""]
+    lines += _licence(card)
     lines += ["## Checkpoints", ""]
     if card["checkpoints"]:
         best = card.get("best_checkpoint")
@@ -463,6 +614,46 @@ def render_markdown(card: dict) -> str:
     else:
         lines += ["No checkpoint was found in `checkpoints/`.", ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def front_matter_problems(run_dir: Path) -> list[str]:
+    """What keeps ``model_card.md``'s front matter from being this run's Hub metadata; empty when nothing.
+    Offline: huggingface_hub parses it, and the checks are ours (``ModelCard.validate`` would ask the Hub)."""
+    run_dir = Path(run_dir)
+    path = run_dir / CARD_MD
+    rewrite = f"`python -m fetalbrain.card {run_dir} --write` rewrites it"
+    if not path.is_file():
+        return [f"{path} is missing; {rewrite}"]
+    try:
+        metadata = metadata_load(path)
+        data = ModelCardData(**(metadata or {}))
+    except (yaml.YAMLError, ValueError, TypeError) as error:
+        return [f"{path}: its front matter does not parse ({error}); {rewrite}"]
+    if metadata is None:
+        return [f"{path} has no front matter (written before cards carried the Hub's metadata); {rewrite}"]
+    summary = read_summary(run_dir)
+    task, metrics = task_of(summary), summary.get("metrics") or {}
+    problems = []
+    if not isinstance(data.license, str) or not data.license:
+        problems.append("license is missing")
+    elif data.license == "other" and not (data.license_name and data.license_link):
+        problems.append("license other needs license_name and license_link")
+    if not isinstance(data.tags, list) or not data.tags or not all(isinstance(t, str) and t for t in data.tags):
+        problems.append(f"tags {data.tags!r}: not a list of tags")
+    wanted = PIPELINE_TAGS.get(task)
+    if wanted and data.pipeline_tag != wanted:
+        problems.append(f"pipeline_tag {data.pipeline_tag!r}: a {task} run's is {wanted!r}")
+    expected = {k: metrics[k] for k in _result_keys(metrics, task)}
+    found = {r.metric_name or r.metric_type: r.metric_value for r in data.eval_results or []}
+    problems += [
+        f"model-index has no result {k} (metrics.json: {expected[k]})" for k in sorted(expected.keys() - found.keys())
+    ]
+    for key, value in found.items():
+        if key not in expected:
+            problems.append(f"model-index result {key} is not in metrics.json")
+        elif value != expected[key]:
+            problems.append(f"model-index result {key} is {value!r}, metrics.json says {expected[key]!r}")
+    return [f"{path}: {problem}" for problem in problems]
 
 
 def _keep_recorded(card_path: Path, found: dict[str, str]) -> dict[str, str]:
