@@ -1,6 +1,9 @@
 """Exact resume in place: a run killed after an epoch and resumed ends as if never interrupted."""
 
 import json
+import multiprocessing
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -17,7 +20,8 @@ import fetalbrain.train
 import fetalbrain.training.fit
 from fetalbrain.data.datamodule import UltrasoundDataset
 from fetalbrain.runs.layout import LAST_CHECKPOINT
-from fetalbrain.runs.resume import ResumeError
+from fetalbrain.runs.resume import ResumeError, resume_checkpoint
+from fetalbrain.training.checkpointing import PARTIAL_SUFFIX, AtomicCheckpointIO
 from fetalbrain.training.tracking import WANDB_RUN_FILE
 from tests.conftest import CONF, TINY
 
@@ -127,11 +131,17 @@ def test_a_killed_run_resumed_in_place_ends_like_the_uninterrupted_run(tmp_path,
     assert len(segments) == 2 and all(s.name.endswith(f"-{wandb_id}") for s in segments)
 
 
+def training_checkpoint(path: Path, epoch: int = 0) -> Path:
+    """What resume needs of a checkpoint: the training state (here empty)."""
+    torch.save({"state_dict": {}, "epoch": epoch, "global_step": 1, "loops": {}, "optimizer_states": []}, path)
+    return path
+
+
 def fake_run(folder: Path, last_checkpoint: bool = True, written_in: Path | None = None) -> Path:
     (folder / "checkpoints").mkdir(parents=True)
     (folder / "config.yaml").write_text(f"paths:\n  output_dir: {written_in or folder}\n")
     if last_checkpoint:
-        (folder / LAST_CHECKPOINT).write_bytes(b"")
+        training_checkpoint(folder / LAST_CHECKPOINT)
     return folder
 
 
@@ -167,6 +177,102 @@ def test_resume_refuses_what_it_cannot_continue_exactly(tmp_path, monkeypatch):
     moved = fake_run(tmp_path / "moved", written_in=tmp_path / "original")
     with pytest.raises(ResumeError, match=f"written for {tmp_path / 'original'} \\(a moved or copied run\\)"):
         train_cli(monkeypatch, f"resume={moved}")
+
+
+def test_a_run_whose_last_checkpoint_was_cut_short_goes_on_from_its_newest_whole_one(tmp_path, monkeypatch):
+    """A kill while Lightning wrote last.ckpt in place (before atomic writes) left it truncated."""
+    killed, checkpoints = tmp_path / "killed", tmp_path / "killed" / "checkpoints"
+    run = [*(o for o in RUN if not o.startswith("logger=")), "logger=none"]
+    build = fetalbrain.training.fit.build
+
+    def build_then_kill(cfg):
+        datamodule, model, trainer = build(cfg)
+        assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)  # every run writes atomically
+        trainer.callbacks.append(KillAtEpoch(KILLED_AT))
+        return datamodule, model, trainer
+
+    with monkeypatch.context() as patch:
+        patch.setattr(fetalbrain.training.fit, "build", build_then_kill)
+        with pytest.raises(Killed):
+            train_cli(patch, f"hydra.run.dir={killed}", *run)
+    assert not list(checkpoints.glob(f"*{PARTIAL_SUFFIX}"))
+    last = killed / LAST_CHECKPOINT
+    damaged = last.read_bytes()[: last.stat().st_size // 2]
+    last.write_bytes(damaged)
+
+    train_cli(monkeypatch, f"resume={killed}")
+
+    log = (killed / "train.log").read_text()
+    assert f"{last} is truncated or not a checkpoint" in log and "(kept as last.ckpt.corrupt)" in log
+    assert re.search(f"continuing from {re.escape(str(checkpoints))}/epoch_00[01].ckpt", log)
+    assert (checkpoints / "last.ckpt.corrupt").read_bytes() == damaged  # kept, not overwritten by the run
+    summary = summary_of(killed)
+    assert summary["run"]["resumed"] and summary["run"]["epochs_trained"] == EPOCHS
+    assert torch.load(last, weights_only=True)["epoch"] == EPOCHS - 1
+
+
+def test_resume_passes_over_damaged_checkpoints_and_refuses_when_none_will_do(tmp_path, monkeypatch, caplog):
+    run = fake_run(tmp_path / "run", last_checkpoint=False)
+    checkpoints = run / "checkpoints"
+    (checkpoints / "last.ckpt").write_bytes(b"PK\x03\x04 cut short")
+    training_checkpoint(checkpoints / "epoch_000.ckpt", epoch=0)
+    torch.save({"state_dict": {}, "epoch": 1}, checkpoints / "epoch_001.ckpt")  # newer, weights only
+    os.utime(checkpoints / "epoch_000.ckpt", (0, 0))
+    with caplog.at_level("WARNING", logger="fetalbrain.runs.resume"):
+        assert resume_checkpoint(run) == checkpoints / "epoch_000.ckpt"
+    assert f"{checkpoints / 'last.ckpt'} is truncated or not a checkpoint (14 bytes" in caplog.text
+    assert "(kept as last.ckpt.corrupt)" in caplog.text
+    assert f"{checkpoints / 'epoch_001.ckpt'} is not a training checkpoint (no global_step, loops" in caplog.text
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch_000.ckpt", "epoch_001.ckpt", "last.ckpt.corrupt"]
+
+    (checkpoints / "epoch_000.ckpt").write_bytes(b"")
+    before = folder_bytes(run)
+    found = re.escape(f"cannot resume {run}: no checkpoint in checkpoints/ holds a training state to continue from")
+    passed_over = (
+        "last.ckpt: missing; epoch_000.ckpt: truncated or not a checkpoint \\(0 bytes.*; epoch_001.ckpt: not a"
+    )
+    with pytest.raises(ResumeError, match=f"{found} \\({passed_over}"):
+        train_cli(monkeypatch, f"resume={run}")
+    assert folder_bytes(run) == before  # refused before Hydra created anything; nothing renamed
+
+
+def _killed_while_saving(path: Path) -> None:
+    """A process killed (no exception handler runs) halfway through writing a checkpoint."""
+
+    def write_half_then_die(checkpoint, file):
+        file.write(b"PK\x03\x04" + bytes(1000))
+        file.flush()
+        os._exit(9)
+
+    torch.save = write_half_then_die
+    AtomicCheckpointIO().save_checkpoint({"epoch": 1, "weight": torch.ones(4)}, path)
+
+
+def test_a_checkpoint_write_cut_short_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    atomic = AtomicCheckpointIO()
+    atomic.save_checkpoint({"epoch": 0, "weight": torch.zeros(4)}, path)
+    saved = path.read_bytes()
+
+    def fail_halfway(checkpoint, file):
+        file.write(b"PK\x03\x04" + bytes(1000))
+        raise OSError("No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "save", fail_halfway)
+        with pytest.raises(OSError, match="No space left"):
+            atomic.save_checkpoint({"epoch": 1, "weight": torch.ones(4)}, path)
+    assert path.read_bytes() == saved and [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
+
+    killed = multiprocessing.get_context("fork").Process(target=_killed_while_saving, args=(path,))
+    killed.start()
+    killed.join()
+    assert killed.exitcode == 9
+    assert path.read_bytes() == saved and torch.load(path, weights_only=True)["epoch"] == 0
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt", f"last.ckpt{PARTIAL_SUFFIX}"]  # unread
+    atomic.save_checkpoint({"epoch": 1, "weight": torch.ones(4)}, path)  # the next save replaces the stray part
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
+    assert torch.load(path, weights_only=True)["epoch"] == 1
 
 
 def augmented_epochs(epochs: range, num_workers: int = 2) -> list[torch.Tensor]:

@@ -10,6 +10,11 @@ persistent workers starting late (``FetalBrainDataModule._loader``), the best-so
 persistent ``MaxMetric``) and the W&B run (``training.tracking.record_wandb_run``). Hydra's run folder is the
 resumed one and its ``.hydra/`` stays as the original run wrote it (``conf/hydra/default.yaml``).
 
+A ``last.ckpt`` cut short (a run killed while writing it before checkpoint writes were atomic,
+``training.checkpointing``) or missing: the run goes on from the newest checkpoint in ``checkpoints/`` that holds the
+training state, exactly from its epoch (every checkpoint holds all of it, RNG states included), and says so; the
+damaged file is kept as ``NAME.corrupt`` (``resume_checkpoint``).
+
 Sweeps: a multirun job whose folder already holds its run (the same sweep started again with
 ``hydra.sweep.dir=`` of the earlier one, or a SLURM job requeued after preemption) continues it the same way,
 or is skipped when the run has finished: ``resume`` of a sweep runs only what is left.
@@ -17,7 +22,9 @@ or is skipped when the run has finished: ``resume`` of a sweep runs only what is
 
 import logging
 import random
+import zipfile
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -31,9 +38,12 @@ from lightning.pytorch.trainer.states import TrainerFn
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import InterpolationResolutionError
 
-from fetalbrain.runs.layout import CONFIG_FILE, LAST_CHECKPOINT, SUMMARY_FILE, flatten_config
+from fetalbrain.runs.layout import CHECKPOINT_DIR, CONFIG_FILE, LAST_CHECKPOINT, SUMMARY_FILE, flatten_config
 
 log = logging.getLogger(__name__)
+
+CORRUPT_SUFFIX = ".corrupt"  # a damaged checkpoint passed over by resume: kept, out of the way of the run's next ones
+TRAINING_STATE = ("state_dict", "epoch", "global_step", "loops", "optimizer_states")  # what continuing a fit reads
 
 
 class ResumeError(CompactHydraException, InterpolationResolutionError):
@@ -42,21 +52,94 @@ class ResumeError(CompactHydraException, InterpolationResolutionError):
 
 
 def check_resumable(run_dir: str | Path) -> Path:
-    """A run folder that can be continued: its resolved config and its last checkpoint, and no metrics.json
-    yet (written when a run finishes)."""
+    """A run folder that can be continued: its resolved config, no metrics.json yet (written when a run finishes)
+    and a checkpoint to continue from, chosen as ``resume_checkpoint`` chooses it (nothing is logged or renamed
+    here: Hydra's run-folder resolver calls this before the run's logging starts)."""
     path = Path(run_dir)
     if not path.is_dir():
         raise ResumeError(f"cannot resume {run_dir}: no such folder")
     if not (path / CONFIG_FILE).is_file():
         raise ResumeError(f"cannot resume {run_dir}: not a run folder (no {CONFIG_FILE}, which every run writes first)")
-    if not (path / LAST_CHECKPOINT).is_file():
+    if (path / SUMMARY_FILE).is_file():
+        raise ResumeError(f"cannot resume {run_dir}: the run has finished (it wrote its {SUMMARY_FILE})")
+    _choose_checkpoint(path)
+    return path
+
+
+class _Examined(NamedTuple):
+    path: Path
+    epoch: int | None  # the epoch a checkpoint training can continue from was saved after; else None and why not
+    problem: str = ""
+    damaged: bool = False  # not a whole, loadable torch file (kept as NAME.corrupt when passed over)
+
+
+def _examine(path: Path) -> _Examined:
+    """Cheap: a file cut short has lost the zip archive's directory (torch.save writes it last); then the contents,
+    memory-mapped (no tensor is read)."""
+    try:
+        size = path.stat().st_size
+    except OSError:  # absent (or a link to nothing, or renamed by rank 0 meanwhile)
+        return _Examined(path, None, "missing")
+    if not zipfile.is_zipfile(path):
+        return _Examined(path, None, f"truncated or not a checkpoint ({size} bytes, not a whole zip archive)", True)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # RuntimeError, UnpicklingError, EOFError, ...: any is a file training cannot load
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        return _Examined(path, None, f"unreadable ({type(error).__name__}: {first_line})", True)
+    missing = [key for key in TRAINING_STATE if not isinstance(checkpoint, dict) or key not in checkpoint]
+    if missing:
+        return _Examined(path, None, f"not a training checkpoint (no {', '.join(missing)}: weights only?)")
+    return _Examined(path, int(checkpoint["epoch"]))
+
+
+def _choose_checkpoint(run_dir: Path) -> tuple[_Examined, list[_Examined]]:
+    """The checkpoint to continue from, and those passed over before it: ``last.ckpt``, then the other checkpoints
+    of the folder, newest first. ResumeError, naming each and why, when none will do."""
+    last = run_dir / LAST_CHECKPOINT
+    others = sorted(
+        (p for p in (run_dir / CHECKPOINT_DIR).glob("*.ckpt") if p != last),
+        key=lambda p: p.lstat().st_mtime_ns,
+        reverse=True,
+    )
+    if not others and not last.is_file():
         raise ResumeError(
             f"cannot resume {run_dir}: the run has no {LAST_CHECKPOINT} "
             "(it stopped before its first epoch ended, or its checkpoint callback kept no last checkpoint)"
         )
-    if (path / SUMMARY_FILE).is_file():
-        raise ResumeError(f"cannot resume {run_dir}: the run has finished (it wrote its {SUMMARY_FILE})")
-    return path
+    passed_over = []
+    for path in (last, *others):
+        examined = _examine(path)
+        if examined.epoch is not None:
+            return examined, passed_over
+        passed_over.append(examined)
+    found = "; ".join(f"{e.path.name}: {e.problem}" for e in passed_over)
+    raise ResumeError(
+        f"cannot resume {run_dir}: no checkpoint in {CHECKPOINT_DIR}/ holds a training state to continue from "
+        f"({found}). Nothing in the folder was changed; train the run again in a new one"
+    )
+
+
+def resume_checkpoint(run_dir: str | Path) -> Path:
+    """The checkpoint ``resume`` continues from: ``checkpoints/last.ckpt``, or when it is missing or damaged the
+    newest checkpoint in ``checkpoints/`` that holds the training state (its later epochs are trained again, as the
+    uninterrupted run trained them). Each passed over is logged by name and why; the damaged ones are renamed to
+    ``NAME.corrupt`` (kept; a name the run writes again must be free). Rank 0 logs and renames; every rank chooses
+    the same checkpoint, renamed files or not. ResumeError when no checkpoint will do."""
+    chosen, passed_over = _choose_checkpoint(Path(run_dir))
+    if passed_over and rank_zero_only.rank == 0:
+        for examined in passed_over:
+            kept = ""
+            if examined.damaged:
+                kept_as = examined.path.with_name(examined.path.name + CORRUPT_SUFFIX)
+                try:
+                    examined.path.replace(kept_as)
+                except FileNotFoundError:  # renamed meanwhile by the first rank of another node (NODE_RANK runs)
+                    pass
+                kept = f" (kept as {kept_as.name})"
+            log.warning("Resume: %s is %s%s", examined.path, examined.problem, kept)
+        log.warning("Resume: continuing from %s (saved after epoch %d)", chosen.path, chosen.epoch)
+    return chosen.path
 
 
 def _collect_rng_states() -> dict:
@@ -156,7 +239,7 @@ def _sweep_job_config(cfg: DictConfig, job_dir: Path) -> DictConfig:
             f"{job_dir} holds a run with another config ({', '.join(differing[:6])} differ): a sweep goes on in "
             "its folder only with the same overrides; pass a new hydra.sweep.dir to start another sweep"
         )
-    if not (job_dir / SUMMARY_FILE).is_file() and not (job_dir / LAST_CHECKPOINT).is_file():
+    if not (job_dir / SUMMARY_FILE).is_file() and not any((job_dir / CHECKPOINT_DIR).glob("*.ckpt")):
         return cfg  # killed before its first epoch ended: nothing to continue, it starts again
     with open_dict(saved):
         saved.resume = str(job_dir)
@@ -201,5 +284,5 @@ def resume_config(cfg: DictConfig) -> DictConfig:
         )
     with open_dict(saved):
         saved.resume = str(run_dir)
-    log.info("Resuming %s from its last checkpoint", run_dir)
+    log.info("Resuming %s", run_dir)
     return saved

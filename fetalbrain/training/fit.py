@@ -13,17 +13,22 @@ from hydra.utils import get_class, instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
 from fetalbrain.evaluation.checks import check_options
 from fetalbrain.evaluation.model_card import write_model_card
-from fetalbrain.runs.layout import CONFIG_FILE, LAST_CHECKPOINT, SUMMARY_FILE, write_json
-from fetalbrain.runs.resume import ReproducibleEpochs
+from fetalbrain.evaluation.plots import training_curves_figure
+from fetalbrain.runs.layout import CONFIG_FILE, SUMMARY_FILE, write_json
+from fetalbrain.runs.resume import ReproducibleEpochs, resume_checkpoint
+from fetalbrain.training.checkpointing import use_atomic_checkpoints
 from fetalbrain.training.ddp import ranks
 from fetalbrain.training.summary import run_summary
 from fetalbrain.training.tracking import continue_wandb_run, log_report, record_wandb_run
 
 log = logging.getLogger(__name__)
+CSV_LOG_DIR = "csv"  # <run>/csv/version_N/metrics.csv: what logger=csv writes, kept in every run
+CURVES_FILE = "training_curves.png"
 
 
 def check_evaluation(cfg: DictConfig) -> None:
@@ -63,6 +68,8 @@ def build(cfg: DictConfig):
     if model.task == "classification":  # the checks' class names (hierarchy groups), now that the data are read
         check_options(cfg.get("evaluation") or {}, datamodule.class_names)
     loggers = instantiate_group(cfg.get("logger"), job_type=model.task)
+    if not any(isinstance(logger, CSVLogger) for logger in loggers):  # every run keeps its curves, whatever logs it
+        loggers.append(CSVLogger(cfg.paths.output_dir, name=CSV_LOG_DIR))
     callbacks = [
         c for c in instantiate_group(cfg.get("callbacks")) if loggers or not isinstance(c, LearningRateMonitor)
     ]
@@ -75,11 +82,22 @@ def build(cfg: DictConfig):
         keys = " ".join(f"trainer.{k}={cfg.trainer.get(k)}" for k in ("accelerator", "devices", "strategy"))
         gpus = torch.cuda.device_count()
         raise ValueError(f"{keys}: {error.__cause__} (this machine has {gpus} CUDA GPU(s))") from error
+    use_atomic_checkpoints(trainer)  # not a config choice either: a kill while saving must leave whole checkpoints
     # Top-level keys W&B groups and filters by: seed and task here; Lightning adds the data module's
     # (fold, splitter, ...) and the model's hyper-parameters as fit starts.
     for logger in loggers:
         logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "task": model.task})
     return datamodule, model, trainer
+
+
+def write_training_curves(trainer, run_dir: Path) -> Path | None:
+    """``training_curves.png`` from the run's CSV log (loss, macro F1, learning rate per epoch), before the model
+    card that shows it; None without a CSV log or an epoch in it."""
+    for logger in trainer.loggers:
+        metrics_csv = Path(logger.log_dir) / "metrics.csv" if isinstance(logger, CSVLogger) else None
+        if metrics_csv is not None and metrics_csv.is_file():
+            return training_curves_figure(metrics_csv, run_dir / CURVES_FILE)
+    return None
 
 
 def train(cfg: DictConfig) -> tuple[dict, dict]:
@@ -98,7 +116,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         continue_wandb_run(cfg, output_dir)
     datamodule, model, trainer = build(cfg)
     record_wandb_run(trainer.loggers, output_dir)
-    ckpt_path = str(output_dir / LAST_CHECKPOINT) if cfg.get("resume") is not None else cfg.get("ckpt_path")
+    ckpt_path = str(resume_checkpoint(output_dir)) if cfg.get("resume") is not None else cfg.get("ckpt_path")
     with ranks(trainer, cfg, output_dir):
         started = time.perf_counter()
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
@@ -111,6 +129,9 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         return summary, {"datamodule": datamodule, "model": model, "trainer": trainer}
     for note in report.notes:
         log.warning("Report: %s", note)
+    curves = write_training_curves(trainer, output_dir)
+    if curves is not None:
+        report.figures["training/curves"] = curves
     write_json(output_dir / SUMMARY_FILE, summary)
     write_model_card(output_dir, rehash=True)  # these weights are the ones the metrics above describe
     log_report(trainer.loggers, report)
