@@ -27,6 +27,7 @@ from fetalbrain.data.duplicates import (  # noqa: E402
 )
 from fetalbrain.data.images import ImageReadError, read_grayscale  # noqa: E402
 from fetalbrain.data.readers import read_dataset  # noqa: E402
+from fetalbrain.progress import track  # noqa: E402
 from fetalbrain.project import PROJECT_ROOT  # noqa: E402
 
 DEFAULT_ROOT = PROJECT_ROOT / "data" / "fetal-brain-ultrasound"
@@ -70,7 +71,7 @@ def threshold_table(table: pd.DataFrame, distances: np.ndarray, thresholds=range
 def audit(root: Path, out: Path, threshold: int = DEFAULT_THRESHOLD, format: str = "auto") -> dict:
     table, classes = read_dataset(root, format)
     images, unreadable = [], []
-    for path in table["path"]:
+    for path in track(table["path"], "Audit: reading images"):
         try:
             images.append(read_grayscale(path))
         except ImageReadError as error:

@@ -32,6 +32,7 @@ from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score 
 from fetalbrain.evaluation.intervals import mean_interval  # noqa: E402
 from fetalbrain.evaluation.metrics import COMPARED  # noqa: E402
 from fetalbrain.evaluation.plots import confusion_matrix_figure  # noqa: E402
+from fetalbrain.progress import track  # noqa: E402
 from fetalbrain.runs.layout import CONFIG_FILE, DEFAULT_LOG_DIR, find_runs, flatten_config, read_summary  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -182,7 +183,7 @@ def read_runs(directories: list[Path], wandb_source: str | None = None, group: s
             f"no run of W&B group {group} under {', '.join(map(str, directories))} (a run folder knows its "
             f"group from wandb_run.json or logger.wandb.group): give the sweep's folder instead of --group"
         )
-    return [load_run(r) for r in runs], "run folders"
+    return [load_run(r) for r in track(runs, "Compare: reading run folders")], "run folders"
 
 
 def label_groups(runs: pd.DataFrame) -> pd.Series:

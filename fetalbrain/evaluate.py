@@ -35,6 +35,7 @@ from fetalbrain.evaluation.any_dataset.report import write_evaluation_report
 from fetalbrain.evaluation.any_dataset.scoring import OODScores
 from fetalbrain.inference.ensemble import Ensemble
 from fetalbrain.inference.predictor import BatchScores, Predictor
+from fetalbrain.progress import track
 from fetalbrain.runs.checkpoints import latest_checkpoint, model_paths
 from fetalbrain.runs.choices import run_choices
 from fetalbrain.runs.layout import SUMMARY_FILE, write_json
@@ -64,7 +65,7 @@ def predict_outputs(
             batch.clear()
             batch_index.clear()
 
-    for index, path in enumerate(paths):
+    for index, path in enumerate(track(paths, "Evaluating: reading and scoring images")):
         try:
             gray, _ = read_image(path)
         except ImageReadError as error:

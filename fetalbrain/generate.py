@@ -22,6 +22,7 @@ from PIL import Image
 from fetalbrain.data.classes import display_name
 from fetalbrain.data.synthetic import GENERATOR_TRAIN_IMAGES, MANIFEST_CSV, MANIFEST_JSON
 from fetalbrain.models.gan import TRAIN_IMAGES_FILE, load_gan
+from fetalbrain.progress import track
 from fetalbrain.runs.checkpoints import latest_checkpoint, run_directory
 from fetalbrain.runs.integrity import sha256_file, verify_checkpoint
 from fetalbrain.runs.layout import read_summary, write_json
@@ -83,7 +84,7 @@ def generate(
         )
     prepare_output(out, overwrite)
     rows = []
-    for label in chosen:
+    for label in track(chosen, f"Generating {num} images per class"):
         index = gan.hparams.class_names.index(label)
         s = class_seed(seed, index)
         images = gan.generate(torch.full((num,), index, dtype=torch.long), seed=s, batch_size=batch_size)

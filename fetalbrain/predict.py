@@ -19,6 +19,7 @@ from PIL import Image
 from fetalbrain.data.inputs import input_files
 from fetalbrain.inference.ensemble import load_model
 from fetalbrain.inference.predictor import NOT_ULTRASOUND, Prediction, predictions_frame
+from fetalbrain.progress import track
 from fetalbrain.runs.checkpoints import latest_checkpoint
 
 
@@ -36,7 +37,7 @@ def predict(cfg: DictConfig) -> pd.DataFrame:
         raise FileNotFoundError(f"inputs={cfg.inputs}: an empty folder")
     predictions = [
         predictor.predict_file(path) if problem is None else Prediction(file=str(path), error=f"{path}: {problem}")
-        for path, problem in entries
+        for path, problem in track(entries, "Predicting")
     ]
     if cfg.heatmaps:
         folder = Path(cfg.heatmaps)

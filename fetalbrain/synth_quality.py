@@ -39,6 +39,7 @@ from fetalbrain.evaluation.synthetic import (
     per_class_quality,
 )
 from fetalbrain.models.classifier import load_classifier
+from fetalbrain.progress import track
 from fetalbrain.runs.integrity import verify_checkpoint
 from fetalbrain.runs.layout import CONFIG_FILE, read_summary, write_json
 
@@ -65,7 +66,7 @@ class FeatureSpace:
         captured = []
         hook = self.model.net.get_classifier().register_forward_hook(lambda m, i, o: captured.append(i[0].flatten(1)))
         try:
-            for start in range(0, len(images), self.batch_size):
+            for start in track(range(0, len(images), self.batch_size), "Features: batches"):
                 batch = torch.stack(
                     [self.transform(image=im)["image"] for im in images[start : start + self.batch_size]]
                 )
@@ -123,7 +124,7 @@ def matched_comparison(feats: dict, fake_labels: np.ndarray, val_labels: np.ndar
     rng = np.random.default_rng(cfg.seed)
     kid = dict(kid_subset_size=cfg.kid_subset_size, kid_subsets=cfg.kid_subsets, seed=cfg.seed)
     draws = []
-    for _ in range(cfg.repeats):
+    for _ in track(range(cfg.repeats), "Quality: FID, KID and k-NN on matched subsets"):
         index = matched_subsample(fake_labels, val_labels, rng)
         quality = fid_kid(feats["train"], feats["fake"][index], **kid)
         draws.append({**quality, **knn_precision_recall(feats["train"], feats["fake"][index], k=cfg.knn_k)})

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -202,7 +203,7 @@ def test_unknown_class_names_are_refused_before_anything_is_predicted(trained_ch
 
 
 def test_an_unlabelled_folder_gives_distributions_and_bad_images_follow_on_bad_image(
-    trained_checkpoint, tmp_path, monkeypatch
+    trained_checkpoint, tmp_path, monkeypatch, capsys
 ):
     """Five scans and a colour photograph: the photograph gets the highest OOD score, each image one forward pass."""
     folder = tmp_path / "unlabelled"
@@ -220,7 +221,9 @@ def test_an_unlabelled_folder_gives_distributions_and_bad_images_follow_on_bad_i
     out = tmp_path / "eval"
     cfg = compose_evaluate(*unlabelled, "data.on_bad_image=skip", f"out={out}", "batch_size=2")
     monkeypatch.setattr(fetalbrain.evaluate, "Predictor", OnePass)
+    capsys.readouterr()
     result = evaluate(cfg)
+    assert re.search(r"Evaluating: reading and scoring images .* 7/7", capsys.readouterr().err)  # the progress bar
     metrics = result["metrics"]
     assert result["data"]["format"] == "unlabeled" and result["data"]["images"] == 6 and OnePass.images == 6
     assert [Path(s["path"]).name for s in result["data"]["skipped_images"]] == [truncated.name]
@@ -246,7 +249,7 @@ def test_an_unlabelled_folder_gives_distributions_and_bad_images_follow_on_bad_i
     assert sorted(p.name for p in out.glob("*.png")) == ["distributions.png"]
 
 
-def test_predict_lists_every_file_it_cannot_read(trained_checkpoint, tmp_path):
+def test_predict_lists_every_file_it_cannot_read(trained_checkpoint, tmp_path, capsys):
     """A broken symbolic link, a pipe, a text file and a file that only claims to be DICOM each get a row with
     why; a link to an image and the images are predicted; a link back to the folder is not read twice."""
     inputs = tmp_path / "inputs"
@@ -263,6 +266,7 @@ def test_predict_lists_every_file_it_cannot_read(trained_checkpoint, tmp_path):
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("predict", overrides=[f"ckpt={trained_checkpoint}", f"inputs={inputs}", f"out={out}"])
     predict(cfg)
+    assert re.search(r"Predicting .* 7/7", capsys.readouterr().err)  # a progress bar over every entry
     frame = pd.read_csv(out)
     frame.index = [Path(f).name for f in frame["file"]]
     assert sorted(frame.index) == sorted(

@@ -19,6 +19,7 @@ from fetalbrain.benchmarks.pipeline import data_pipeline, worker_counts
 from fetalbrain.benchmarks.preprocessing import preprocessing_speed
 from fetalbrain.benchmarks.report import machine_description, markdown, target_summary
 from fetalbrain.benchmarks.settings import configure_backends, model_sizes, plain, train_config
+from fetalbrain.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ def run(bench: DictConfig, out_dir: Path) -> dict:
     plan = parallel_plan(bench, pairs)
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     models, datamodules = [], {}
-    for name, image_size in pairs:
+    for name, image_size in track(pairs, "Benchmark: models"):
         cfg = train_config(bench, name, image_size)
         if image_size not in datamodules:
             datamodules[image_size] = instantiate(cfg.data)

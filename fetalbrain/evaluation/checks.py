@@ -11,14 +11,31 @@ A check is switched by its section of ``evaluation`` (``evaluation.<key>.enabled
 run keeps its config) has no section: that check is not run and the report says so in a note.
 """
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pandas as pd
+
 from fetalbrain.data.classes import NORMAL_CLASS
-from fetalbrain.evaluation import baselines, calibration, external_normals, hierarchy, ood, plots, screening, shortcut
+from fetalbrain.evaluation import (
+    baselines,
+    calibration,
+    external_normals,
+    hierarchy,
+    intervals,
+    ood,
+    per_class,
+    plots,
+    screening,
+    shortcut,
+)
+from fetalbrain.progress import step
 from fetalbrain.runs.choices import screening_thresholds
 from fetalbrain.runs.layout import Report
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -136,6 +153,26 @@ def _shortcut(run: FinishedRun, evaluation) -> Report:
     return Report(*shortcut.shortcut_metrics(run.pixels("train"), run.pixels("test"), run.normal))
 
 
+def _per_class_recall(run: FinishedRun, options) -> Report:
+    """Recall per class with case-bootstrap intervals: per_class_recall.png, and the intervals in per_class.csv."""
+    shown = len(run.test.targets)
+    cases = run.datamodule.part_table("test")["case"].to_numpy()[:shown]
+    predicted = run.test.probs.argmax(axis=1)
+    table = per_class.recall_table(run.test.targets, predicted, run.class_names, options.bootstrap, cases)
+    per_class_csv = run.run_dir / "per_class.csv"
+    written = pd.read_csv(per_class_csv)
+    for column in ("recall_ci_low", "recall_ci_high", "cases"):
+        written[column] = table[column]
+    written.to_csv(per_class_csv, index=False)
+    title = f"Recall per class, test part ({options.bootstrap.confidence:.0%} intervals resampling cases)"
+    plots.per_class_recall_figure(table, run.run_dir / per_class.FIGURE, title, options.bootstrap.confidence)
+    return Report({}, [])
+
+
+def _check_per_class_recall(options, evaluation, class_names) -> None:
+    intervals.check_bootstrap(options.get("bootstrap"), "evaluation.per_class_recall.bootstrap")
+
+
 def _nearest_neighbour(run: FinishedRun, options) -> Report:
     """1-NN on pixels beside the model, on the same test images (a limited test covers the first rows)."""
     images, targets = run.pixels("test")
@@ -195,6 +232,7 @@ CHECKS = (
     Check("calibration", _calibration),
     Check("screening", _screening),
     Check("shortcut", _shortcut, key="shortcut_check"),
+    _section("per_class_recall", _per_class_recall, _check_per_class_recall, "per-class recall chart"),
     _section("nearest_neighbour", _nearest_neighbour, _check_nearest_neighbour, "1-NN baseline"),
     _section("hierarchy", _hierarchy, _check_hierarchy, "hierarchical view"),
     OOD,
@@ -220,7 +258,8 @@ def run_checks(run: FinishedRun) -> Report:
             if check.section and run.evaluation.get(check.key) is None:
                 report.notes.append(check.missing)
             continue
-        result = check.run(run, options)
+        with step(f"Report: {check.name}", log):
+            result = check.run(run, options)
         report.metrics.update(result.metrics)
         report.notes += result.notes
         report.figures.update(result.figures)

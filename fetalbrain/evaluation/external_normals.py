@@ -28,7 +28,7 @@ import pandas as pd
 
 from fetalbrain.data.classes import NORMAL_CLASS
 from fetalbrain.data.readers import DatasetError, read_labelled_folder
-from fetalbrain.evaluation.intervals import subject_bootstrap
+from fetalbrain.evaluation.intervals import check_bootstrap, subject_bootstrap
 from fetalbrain.runs.choices import screening_thresholds
 
 log = logging.getLogger(__name__)
@@ -54,17 +54,7 @@ def check_options(options, rules: list[str] | None = None) -> None:
             f"evaluation.external.rule={options.rule!r}: not a screening rule of the run; choose one of "
             f"{', '.join(rules)} (named after evaluation.screening_min_sensitivity)"
         )
-    boot = options.get("bootstrap")
-    if boot is None:
-        raise ValueError("evaluation.external.bootstrap: missing (samples, seed, confidence)")
-    if not isinstance(boot.get("samples"), int) or boot.samples < 0:
-        raise ValueError(f"evaluation.external.bootstrap.samples={boot.get('samples')!r}: a whole number, 0 or more")
-    if not isinstance(boot.get("seed"), int):
-        raise ValueError(f"evaluation.external.bootstrap.seed={boot.get('seed')!r}: a whole number")
-    if not isinstance(boot.get("confidence"), float) or not 0 < boot.confidence < 1:
-        raise ValueError(
-            f"evaluation.external.bootstrap.confidence={boot.get('confidence')!r}: a fraction strictly between 0 and 1"
-        )
+    check_bootstrap(options.get("bootstrap"), "evaluation.external.bootstrap")
     warn = options.get("warn_below")
     if not isinstance(warn, (int, float)) or isinstance(warn, bool) or not 0 <= warn <= 1:
         raise ValueError(f"evaluation.external.warn_below={warn!r}: a fraction between 0 and 1")

@@ -35,17 +35,32 @@ def percentile_interval(draws, confidence: float) -> tuple[float, float] | None:
 
 
 def bootstrap_intervals(
-    score: Callable[[np.ndarray], dict[str, float]], keys, n: int, samples: int, seed: int, confidence: float
+    score: Callable[[np.ndarray], dict[str, float]],
+    keys,
+    n: int,
+    samples: int,
+    seed: int,
+    confidence: float,
+    groups=None,
 ) -> dict[str, float]:
     """``<key>_ci_low`` / ``<key>_ci_high`` for each of ``keys``: a percentile bootstrap over the ``n`` images,
-    resampled with replacement; ``score(index)`` computes every number on the images ``index`` draws, the same
-    way as on the whole set. Nothing when ``samples`` is 0."""
+    resampled with replacement, or with ``groups`` (a case or subject per image) over whole groups, each drawn with
+    all its images; ``score(index)`` computes every number on the images ``index`` draws, the same way as on the
+    whole set. Nothing when ``samples`` is 0."""
     if samples <= 0:
         return {}
     rng = np.random.default_rng(seed)
+    members = None
+    if groups is not None:
+        codes = np.unique(np.asarray(groups), return_inverse=True)[1]
+        members = [np.flatnonzero(codes == g) for g in range(codes.max() + 1)]
     draws: dict[str, list[float]] = {key: [] for key in keys}
     for _ in range(samples):
-        values = score(rng.integers(0, n, n))
+        if members is None:
+            index = rng.integers(0, n, n)
+        else:
+            index = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
+        values = score(index)
         for key in draws:
             draws[key].append(values.get(key, np.nan))
     intervals = {}
@@ -79,3 +94,16 @@ def subject_bootstrap(
         positives = np.bincount(codes, weights=np.asarray(values, dtype=float), minlength=len(counts))
         intervals[name] = percentile_interval((weights @ positives) / images, confidence)
     return intervals
+
+
+def check_bootstrap(options, key: str) -> None:
+    """Refuse bad bootstrap settings by key before anything runs."""
+    if options is None:
+        raise ValueError(f"{key}: missing (samples, seed, confidence)")
+    if not isinstance(options.get("samples"), int) or options.samples < 0:
+        raise ValueError(f"{key}.samples={options.get('samples')!r}: a whole number, 0 or more")
+    if not isinstance(options.get("seed"), int):
+        raise ValueError(f"{key}.seed={options.get('seed')!r}: a whole number")
+    confidence = options.get("confidence")
+    if not isinstance(confidence, float) or not 0 < confidence < 1:
+        raise ValueError(f"{key}.confidence={confidence!r}: a fraction strictly between 0 and 1")

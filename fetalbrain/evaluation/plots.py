@@ -112,3 +112,67 @@ def reliability_figure(bins_before: dict, bins_after: dict | None, ece: tuple, p
     ax.set_title("Reliability diagram, test")
     ax.legend(fontsize=8, loc="upper left")
     return _save(fig, path)
+
+
+def training_curves_figure(metrics_csv: Path, path: Path) -> Path | None:
+    """Loss, macro F1 and learning rate per epoch from a run's CSV log (Lightning's ``CSVLogger``), train and
+    validation side by side; a generator's losses alike. None when the log holds no epoch yet."""
+    import pandas as pd
+
+    log = pd.read_csv(metrics_csv)
+    fit = log[log.filter(regex="^(train|val)/").notna().any(axis=1)].dropna(subset=["epoch"])  # not test's rows
+    epochs = fit.groupby("epoch").mean(numeric_only=True)
+    if epochs.empty:
+        return None
+    panels = {
+        "loss": [c for c in epochs if c.endswith("loss") and c.startswith(("train/", "val/"))],
+        "macro F1": [c for c in epochs if c in ("train/f1_macro", "val/f1_macro")],
+    }
+    lr_columns = [c for c in log if c.startswith("lr-")]
+    if lr_columns:  # logged by step: the rate in force at each epoch's last step
+        ends = fit.groupby("epoch")["step"].max()
+        rates = log[["step", *lr_columns]].dropna(how="all", subset=lr_columns).sort_values("step")
+        at_end = pd.merge_asof(ends.reset_index().sort_values("step"), rates, on="step").set_index("epoch")
+        epochs = epochs.drop(columns=lr_columns, errors="ignore").join(at_end[lr_columns])
+        panels["learning rate"] = lr_columns
+    panels = {title: columns for title, columns in panels.items() if columns}
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for ax, (title, columns) in zip(axes[0], panels.items()):
+        for column in columns:
+            values = epochs[column].dropna()
+            ax.plot(values.index + 1, values.values, marker="o", ms=3, label=column)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        if title == "learning rate":
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def per_class_recall_figure(table, path: Path, title: str, confidence: float) -> Path:
+    """Recall per class with its interval; a class without images is named as such, not drawn as 0."""
+    rows = table.iloc[::-1]
+    fig, ax = plt.subplots(figsize=(7, 0.32 * len(rows) + 1.4))
+    y = np.arange(len(rows))
+    present = rows["support"].to_numpy() > 0
+    recall = rows["recall"].to_numpy()
+    low = np.nan_to_num(recall - rows["recall_ci_low"].to_numpy(), nan=0.0)
+    high = np.nan_to_num(rows["recall_ci_high"].to_numpy() - recall, nan=0.0)
+    ax.errorbar(recall[present], y[present], xerr=[low[present], high[present]], fmt="o", color="C0", capsize=3)
+    counts = (
+        [f"{n} img, {k} cases" for n, k in zip(rows["support"], rows["cases"])]
+        if "cases" in rows
+        else [f"{n} img" for n in rows["support"]]
+    )
+    labels = [
+        f"{display_name(c)} ({n})" if s else f"{display_name(c)} (none)"
+        for c, n, s in zip(rows["class"], counts, present)
+    ]
+    ax.set_yticks(y, labels, fontsize=8)
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_xlabel(f"recall ({confidence:.0%} bootstrap interval)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
+    return _save(fig, path)

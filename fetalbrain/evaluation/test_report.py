@@ -25,6 +25,7 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, r
 from fetalbrain.data.classes import display_name
 from fetalbrain.evaluation import plots
 from fetalbrain.evaluation.checks import FinishedRun, Predictions, run_checks
+from fetalbrain.progress import step
 from fetalbrain.runs.layout import Report, final_checkpoint
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,8 @@ def classification_report(model, trainer, datamodule, run_dir: Path, options) ->
     # predicts only its first rows). Validation predictions (best weights) choose thresholds.
     test = Predictions(model.test_results["probs"].numpy(), model.test_results["targets"].numpy())
     test.paths = list(datamodule.part_table("test")["path"])[: len(test.targets)]
-    val = Predictions(*(t.numpy() for t in model.predict_proba(datamodule.val_dataloader())))
+    with step("Report: validation predictions (the thresholds and temperature are chosen on them)", log):
+        val = Predictions(*(t.numpy() for t in model.predict_proba(datamodule.val_dataloader())))
     title = f"{model.hparams.name} test, split {datamodule.hparams.splitter}"
     notes = write_test_files(run_dir, test, datamodule.class_names, title)
     # The model holds the tested weights: the OOD detector is fitted on the features they give.

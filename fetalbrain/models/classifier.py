@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torchmetrics import MaxMetric, MetricCollection
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from fetalbrain.data.tta import check_tta, with_tta
 from fetalbrain.evaluation.metrics import classification_metrics
@@ -150,6 +150,7 @@ class Classifier(L.LightningModule):
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
         self.train_accuracy = MulticlassAccuracy(num_classes=len(class_names), average="micro")
+        self.train_f1 = MulticlassF1Score(num_classes=len(class_names), average="macro")  # training curves' F1
         self.val_best = MaxMetric()
         self.val_best.persistent(True)  # in checkpoints: the best-so-far survives a resume
         self._outputs: dict[str, list] = {"val": [], "test": []}
@@ -241,11 +242,14 @@ class Classifier(L.LightningModule):
         loss = self._loss(logits, mixed_targets)
         # Against the larger part of each (mixed) target: lambda ~ Beta(a, a) is symmetric, so under mixup an image's
         # own class is the smaller part half the time.
-        self.train_accuracy(logits, mixed_targets.argmax(dim=1) if mixed_targets.ndim == 2 else targets)
+        hard_targets = mixed_targets.argmax(dim=1) if mixed_targets.ndim == 2 else targets
+        self.train_accuracy(logits, hard_targets)
+        self.train_f1(logits, hard_targets)
         self.log(
             "train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(targets), sync_dist=True
         )
         self.log("train/accuracy", self.train_accuracy, on_step=False, on_epoch=True, batch_size=len(targets))
+        self.log("train/f1_macro", self.train_f1, on_step=False, on_epoch=True, batch_size=len(targets))
         return loss
 
     def predict_logits(self, images: torch.Tensor) -> torch.Tensor:
