@@ -119,7 +119,11 @@ def test_evaluating_the_runs_test_images_reproduces_its_test_report(trained_chec
     assert per_class["support"].sum() == len(tested) and per_class["predicted_fraction"].sum() == pytest.approx(1)
     for name in ("confusion_matrix", "confusion_matrix_normalised", "roc", "screening_roc", "reliability"):
         assert (out / f"{name}.png").is_file(), name
+    present = per_class[per_class["support"] > 0]
+    assert (present["recall_ci_low"] <= present["recall"] + 1e-9).all()
+    assert (present["recall"] <= present["recall_ci_high"] + 1e-9).all()
     report = (out / "report.md").read_text()
+    assert "](per_class_recall.png)" in report and (out / "per_class_recall.png").is_file()
     assert "not fitted on these images" in report and f"youden {run['screening/youden/threshold']:.6g}" in report
     assert "## Is it a fetal brain ultrasound?" in report and "source-bound" in report  # labelled: what a rate means
 

@@ -2,6 +2,7 @@
 
 import json
 
+import pandas as pd
 import pytest
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -16,6 +17,8 @@ from tests.conftest import TINY, train_config
 REPORT_FILES = (
     "metrics.json",
     "per_class.csv",
+    "per_class_recall.png",
+    "training_curves.png",
     "confusion_matrix.png",
     "confusion_matrix_normalised.png",
     "config.yaml",
@@ -79,6 +82,25 @@ def test_each_model_family_trains_and_tests(tmp_path, model):
     if model == "efficientnet_lite0":
         assert written["run"]["pretrained_source"].startswith("file:")
     assert list(tmp_path.glob("checkpoints/*.ckpt"))
+
+
+def test_every_run_draws_its_training_curves_and_per_class_recall(tmp_path):
+    """With logger=none too: the CSV log behind training_curves.png is kept in every run; recall per class has
+    case-bootstrap intervals around it, and a class the test part lacks has none."""
+    run(tmp_path, "model=cnn", "trainer.max_epochs=2")
+    log = pd.read_csv(next(tmp_path.glob("csv/*/metrics.csv")))
+    fit = log.dropna(subset=["val/loss"])
+    assert sorted(fit["epoch"]) == [0, 1] and log["train/f1_macro"].notna().sum() == 2
+    assert (tmp_path / "training_curves.png").stat().st_size > 10_000
+    per_class = pd.read_csv(tmp_path / "per_class.csv")
+    present = per_class[per_class["support"] > 0]
+    assert (present["recall_ci_low"] <= present["recall"] + 1e-9).all()
+    assert (present["recall"] <= present["recall_ci_high"] + 1e-9).all()
+    assert present["recall_ci_high"].le(1).all() and present["recall_ci_low"].ge(0).all()
+    assert per_class.loc[per_class["support"] == 0, "recall_ci_low"].isna().all()
+    assert (present["cases"] >= 1).all()
+    card = (tmp_path / "model_card.md").read_text()
+    assert "(training_curves.png)" in card and "(per_class_recall.png)" in card
 
 
 def test_checkpoint_loads_weights_only_and_predicts_the_same(tmp_path):

@@ -2,6 +2,8 @@
 not be computed.
 """
 
+from pathlib import Path
+
 import numpy as np
 
 from fetalbrain.data.classes import display_name
@@ -146,5 +148,8 @@ def markdown_report(summary: dict) -> str:
         lines += [f"- {metric_label(k)} (`{k}`): {why}" for k, why in summary["not_computable"].items()]
     if summary["notes"]:
         lines += ["", "## Notes", ""] + [f"- {note}" for note in summary["notes"]]
+    figures = [f for f in summary["files"] if f.endswith(".png")]
+    if figures:
+        lines += ["", "## Figures", ""] + [f"![{Path(f).stem.replace('_', ' ')}]({f})" for f in figures]
     lines += ["", "## Files", "", ", ".join(f"`{f}`" for f in summary["files"]), ""]
     return "\n".join(lines)

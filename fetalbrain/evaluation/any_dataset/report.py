@@ -20,6 +20,7 @@ from fetalbrain.evaluation.any_dataset.scoring import (
 )
 from fetalbrain.evaluation.checks import Predictions
 from fetalbrain.evaluation.intervals import bootstrap_intervals
+from fetalbrain.evaluation.per_class import FIGURE, recall_table
 from fetalbrain.evaluation.screening import both_classes
 from fetalbrain.evaluation.test_report import per_class_table, predictions_table
 from fetalbrain.runs.choices import RunChoices
@@ -156,9 +157,15 @@ def write_evaluation_report(
         per_class[f"predicted_fraction_ci_{side}"] = [
             metrics.get(f"{_fraction_key(c)}_ci_{side}", np.nan) for c in class_names
         ]
-    per_class.to_csv(out_dir / "per_class.csv", index=False)
-
     files = ["predictions.csv", "per_class.csv"]
+    if labelled:  # recall per class with image-bootstrap intervals (one dataset: no case labels to resample)
+        recall = recall_table(targets, scorer.predicted, class_names, bootstrap)
+        for column in ("recall_ci_low", "recall_ci_high"):
+            per_class[column] = recall[column]
+        title = f"{title}: recall per class ({bootstrap['confidence']:.0%} intervals resampling images)"
+        plots.per_class_recall_figure(recall, out_dir / FIGURE, title, bootstrap["confidence"])
+        files.append(FIGURE)
+    per_class.to_csv(out_dir / "per_class.csv", index=False)
     if labelled:
         present = np.unique(targets)
         absent = [display_name(c) for i, c in enumerate(class_names) if i not in present]
