@@ -86,6 +86,8 @@ def test_benchmark_reports_models_pipeline_and_targets(tmp_path):
         results = run(bench, tmp_path)
     written = json.loads((tmp_path / "benchmark.json").read_text())
     assert [m["model"] for m in written["models"]] == ["cnn", "efficientnet_lite0"]
+    assert (tmp_path / "benchmark.png").stat().st_size > 10_000  # the throughput figure, shown in benchmark.md
+    assert "](benchmark.png)" in (tmp_path / "benchmark.md").read_text()
     for row in written["models"]:
         for key in (
             "params_m",

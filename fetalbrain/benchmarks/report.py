@@ -177,3 +177,38 @@ def _plain_ms(prep: list[dict], row: dict) -> float:
         p["ms"] for p in prep if p["harmonise"] == "none" and (p["source"], p["side"]) == (row["source"], row["side"])
     ]
     return same[0] if same else 0.0
+
+
+def throughput_figure(results: dict, path: Path) -> Path:
+    """benchmark.png: training (Lightning and the bare loop) and inference images per second of each model and
+    size, on a log scale (the models differ by 20x or more), with the machine in the title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = results["models"]
+    labels = [f"{r['model']} {r['image_size']}px" for r in rows]
+    series = {
+        "train (Lightning)": [r["train_img_s_lightning"] for r in rows],
+        "train (bare loop)": [r["train_img_s_bare"] for r in rows],
+        f"inference (batch {results['settings']['batch_size']})": [r["infer_img_s_batch"] for r in rows],
+    }
+    y = np.arange(len(rows))
+    height = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(7.5, 0.55 * len(rows) * len(series) / 2 + 1.6))
+    for i, (name, values) in enumerate(series.items()):  # dots, not bars: a log axis has no zero to start from
+        ax.plot([v if v else np.nan for v in values], y + (i - 1) * height, "o", ms=7, label=name)
+    ax.set_yticks(y, labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("images per second (log scale)")
+    machine = results["machine"]
+    ax.set_title(f"{machine['device']}, {machine['cores']} cores, {results['precision']}", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(axis="x", alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,5 +1,5 @@
 """The whole benchmark: checks every setting first (a typo must not cost a long run), runs each section and
-writes ``benchmark.json`` and ``benchmark.md``."""
+writes ``benchmark.json``, ``benchmark.md`` and ``benchmark.png``."""
 
 import json
 import logging
@@ -17,11 +17,12 @@ from fetalbrain.benchmarks.ood_score import ood_score_speed
 from fetalbrain.benchmarks.parallel import parallel_plan, parallel_section
 from fetalbrain.benchmarks.pipeline import data_pipeline, worker_counts
 from fetalbrain.benchmarks.preprocessing import preprocessing_speed
-from fetalbrain.benchmarks.report import machine_description, markdown, target_summary
+from fetalbrain.benchmarks.report import machine_description, markdown, target_summary, throughput_figure
 from fetalbrain.benchmarks.settings import configure_backends, model_sizes, plain, train_config
 from fetalbrain.progress import track
 
 log = logging.getLogger(__name__)
+FIGURE = "benchmark.png"  # throughput of every model, beside benchmark.md
 
 
 def run(bench: DictConfig, out_dir: Path) -> dict:
@@ -92,8 +93,10 @@ def run(bench: DictConfig, out_dir: Path) -> dict:
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "benchmark.json").write_text(json.dumps(results, indent=2) + "\n")
+    if models:
+        throughput_figure(results, out_dir / FIGURE)
     table = markdown(results)
-    (out_dir / "benchmark.md").write_text(table)
+    (out_dir / "benchmark.md").write_text(table + (f"\n![throughput]({FIGURE})\n" if models else ""))
     if bench.append_to:
         with open(bench.append_to, "a") as handle:
             handle.write(table + "\n")
