@@ -1,19 +1,38 @@
 # fetalbrain — common tasks. `make` lists them.
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
+LOCK   := requirements.lock
 # Offline and quiet: no hub downloads, no W&B uploads, no update checks.
 TEST_ENV := HF_HUB_OFFLINE=1 WANDB_MODE=offline NO_ALBUMENTATIONS_UPDATE=1 GRADIO_ANALYTICS_ENABLED=False
 
 .DEFAULT_GOAL := help
-.PHONY: help install browser train test test-all sweep audit compare benchmark gui lint clean
+.PHONY: help install lock browser train test test-all sweep audit compare benchmark gui lint clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-10s %s\n", $$1, $$2}'
 
-install: ## create .venv and install the package (editable) with dev extras
+install: ## create .venv and install the package (editable) with dev extras, at the versions in requirements.lock
 	python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet --upgrade pip -c $(LOCK)
+	$(PY) -m pip install --quiet -c $(LOCK) -e ".[dev]"
+
+# The machine's own pip constraints (pip config's global.constraint, PIP_CONSTRAINT) bind the lock too: it must
+# name only versions this machine can install (here torch and torchvision: the wheels on its disk).
+PIP_CAPS = $(strip $(PIP_CONSTRAINT) $(shell $(PY) -m pip config list 2>/dev/null | sed -n "s/^global\.constraint='\(.*\)'$$/\1/p"))
+
+PY_ABOUT = $(shell $(PY) -c 'import platform; print("Python", platform.python_version(), "on", platform.system(), platform.machine())')
+
+lock: ## remake requirements.lock from pyproject.toml with pip-compile (UPGRADE=1: every pin to its newest allowed)
+	@test -x $(VENV)/bin/pip-compile || { echo "no $(VENV)/bin/pip-compile: run make install first"; exit 1; }
+	@cp $(LOCK) $(LOCK).new 2>/dev/null || true   # pip-compile keeps the pins it finds there, unless UPGRADE=1
+	$(VENV)/bin/pip-compile --quiet --no-header --extra dev --allow-unsafe --strip-extras --no-emit-index-url \
+	  --no-emit-find-links $(if $(UPGRADE),--upgrade) $(addprefix -c ,$(PIP_CAPS)) -o $(LOCK).new pyproject.toml
+	@{ echo "# Every package of the tested environment (fetalbrain with its dev extra), pinned. Made by \`make lock\`:"; \
+	  echo "# pip-compile (pip-tools) from pyproject.toml; do not edit by hand. \`make install\` installs through it:"; \
+	  echo "#   pip install -c $(LOCK) -e \".[dev]\""; \
+	  echo "# Resolved with $(PY_ABOUT), under the pip constraints: $(or $(PIP_CAPS),none)."; \
+	  cat $(LOCK).new; } > $(LOCK)
+	@rm -f $(LOCK).new
 
 browser: ## install Debian's Chromium for the GUI browser test (needs root and apt; a no-op when present)
 	@command -v chromium >/dev/null 2>&1 || { \

@@ -19,22 +19,37 @@ from fetalbrain.runs.checkpoints import latest_checkpoint, read_checkpoint, run_
 from fetalbrain.runs.integrity import verify_checkpoint
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
+# torch's dynamo exporter writes opset 18 or newer: it has no lower implementations, and its down-conversion
+# to 17 fails on our nets (the axes of Reduce*/Squeeze become inputs in 18 and cannot be turned back).
+MIN_ONNX_OPSET = 18
 
 
-def export_onnx(net: torch.nn.Module, example: torch.Tensor, card: dict, out: Path, opset: int = 17) -> Path:
+def export_onnx(
+    net: torch.nn.Module, example: torch.Tensor, card: dict, out: Path, opset: int = MIN_ONNX_OPSET
+) -> Path:
+    """torch's dynamo exporter (``torch.export``, then onnxscript), the batch dimension dynamic.
+
+    ``example``'s batch size must be at least 2: ``torch.export`` specialises a dimension of size 1.
+    One self-contained .onnx file: the weights inline (no external data file), the card in metadata.
+    """
     import onnx
 
-    torch.onnx.export(
-        net,
-        (example,),
-        str(out),
-        input_names=["image"],
-        output_names=["logits"],
-        opset_version=opset,
-        dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
-        dynamo=False,
-    )
-    model = onnx.load(str(out))
+    if opset < MIN_ONNX_OPSET:
+        raise ValueError(f"opset={opset}: the ONNX exporter (torch.export) writes opset {MIN_ONNX_OPSET} or newer")
+    batch = torch.export.Dim("batch", min=1)
+    with torch.no_grad():
+        program = torch.onnx.export(
+            net,
+            (example,),
+            input_names=["image"],
+            output_names=["logits"],
+            opset_version=opset,
+            dynamic_shapes=({0: batch},),
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
+    model = program.model_proto
     model.metadata_props.add(key=ONNX_METADATA_KEY, value=json.dumps(card))
     onnx.checker.check_model(model)
     onnx.save(model, str(out))
@@ -52,7 +67,7 @@ def export(
     checkpoint: Path,
     format: str = "onnx",
     out: Path | None = None,
-    opset: int = 17,
+    opset: int = MIN_ONNX_OPSET,
     screening_rule: str = "youden",
     verify: bool = True,
 ) -> Path:
@@ -65,7 +80,7 @@ def export(
     state = read_checkpoint(checkpoint)
     net = load_classifier(state).net.eval().to(memory_format=torch.contiguous_format)
     prep = state["hyper_parameters"]["preprocessing"]
-    example = torch.zeros(1, prep["channels"], prep["image_size"], prep["image_size"])
+    example = torch.zeros(2, prep["channels"], prep["image_size"], prep["image_size"])  # 2: see export_onnx
     card = deployment_metadata(checkpoint, state, screening_rule)
     if format == "onnx":
         return export_onnx(net, example, card, out, opset)

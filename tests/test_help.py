@@ -9,7 +9,7 @@ import pytest
 
 from fetalbrain.project import CONF_DIR, group_options
 
-HELPED = ("train", "evaluate", "predict", "generate", "app", "synth_quality", "benchmark")
+HELPED = ("train", "evaluate", "predict", "generate", "app", "export", "synth_quality", "benchmark")
 
 
 def command_help(command: str, capsys, monkeypatch) -> str:

@@ -108,12 +108,21 @@ def test_colour_photographs_and_bad_files_are_flagged_not_answered(predictor, tm
 
 
 def test_onnx_export_matches_pytorch_and_predicts_alone(predictor, trained_checkpoint, tmp_path):
+    import onnx
+
     onnx_path = export(trained_checkpoint, "onnx", tmp_path / "model.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]  # one file: no external data beside it
+    graph = onnx.load(str(onnx_path)).graph
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param  # the batch dimension is symbolic
     onnx_predictor = Predictor(onnx_path)
     assert onnx_predictor.card["class_names"] == predictor.class_names
     batch = torch.cat([predictor.tensor(read_grayscale(p)) for p in REAL])
-    difference = np.abs(onnx_predictor.probabilities(batch) - predictor.probabilities(batch)).max()
-    assert difference < 1e-4
+    for size in (1, 3, len(REAL)):  # any batch size, not only the example's
+        part = batch[:size]
+        difference = np.abs(onnx_predictor.probabilities(part) - predictor.probabilities(part)).max()
+        assert difference < 1e-4, size
+    with pytest.raises(ValueError, match="opset=17.*18 or newer"):
+        export(trained_checkpoint, "onnx", tmp_path / "old.onnx", opset=17)
     result = onnx_predictor.predict_file(REAL[0])
     assert result.label == predictor.predict_file(REAL[0], heatmap=False).label
     assert result.heatmap is None and any("needs the PyTorch checkpoint" in w for w in result.warnings)
