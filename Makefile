@@ -2,6 +2,8 @@
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 LOCK   := requirements.lock
+# test processes (pytest-xdist; whole files per worker, so module fixtures are made once)
+WORKERS ?= 2
 # Offline and quiet: no hub downloads, no W&B uploads, no update checks.
 TEST_ENV := HF_HUB_OFFLINE=1 WANDB_MODE=offline NO_ALBUMENTATIONS_UPDATE=1 GRADIO_ANALYTICS_ENABLED=False
 
@@ -43,11 +45,11 @@ browser: ## install Debian's Chromium for the GUI browser test (needs root and a
 train: ## train and test the default model on the embedded dataset (args: ARGS="model=cnn ...")
 	$(PY) -m fetalbrain.train $(ARGS)
 
-test: ## the fast test suite (offline, a few minutes on 2 cores)
-	$(TEST_ENV) $(PY) -m pytest -m "not slow" -q
+test: ## the fast test suite (offline; under 5 minutes on 2 cores: one worker per core, WORKERS=1 for one process)
+	$(TEST_ENV) $(PY) -m pytest -m "not slow" -q $(if $(filter-out 1,$(WORKERS)),-n $(WORKERS) --dist loadfile)
 
 test-all: ## every test, the slow ones too
-	$(TEST_ENV) $(PY) -m pytest -q
+	$(TEST_ENV) $(PY) -m pytest -q $(if $(filter-out 1,$(WORKERS)),-n $(WORKERS) --dist loadfile)
 
 sweep: ## example multirun: 2 models x 2 learning rates, 3 epochs each
 	$(PY) -m fetalbrain.train -m model=cnn,separable optimizer.lr=0.001,0.0003 trainer.max_epochs=3 $(ARGS)

@@ -28,7 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data" / "fetal-brain-ultrasound"
 CONF = ROOT / "conf"
 
-torch.set_num_threads(2)
+# The machine's cores shared among the test workers (make test runs one per core): no oversubscription.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 2) // WORKERS)))
 
 # A few batches of 32 px images, one epoch, on the CPU: the whole path, in seconds.
 TINY = [
@@ -111,20 +113,30 @@ def train_config(output_dir: Path, overrides: list[str] = ()):
 
 @pytest.fixture(scope="session")
 def trained_checkpoint(tmp_path_factory) -> Path:
-    """A tiny EfficientNet-Lite0 run on the embedded data: checkpoint plus its run directory."""
+    """A tiny EfficientNet-Lite0 run on the embedded data: checkpoint plus its run directory. Trained once per
+    session: with parallel workers (``make test``) the first worker trains it, the others wait and reuse it."""
+    from filelock import FileLock
+
     from fetalbrain.training.fit import train
 
-    run_dir = tmp_path_factory.mktemp("run")
-    overrides = [
-        *TINY,
-        "model=efficientnet_lite0",
-        "data.image_size=64",
-        "evaluation.ood.enabled=true",
-        "evaluation.external.enabled=true",
-    ]
-    with train_config(run_dir, overrides) as cfg:
-        summary, _ = train(cfg)
-    return Path(summary["run"]["best_checkpoint"])
+    parallel = os.environ.get("PYTEST_XDIST_WORKER") is not None
+    shared = tmp_path_factory.getbasetemp().parent if parallel else tmp_path_factory.getbasetemp()
+    # alone in its folder: tests that look for the newest run there find this one
+    run_dir, recorded = shared / "trained" / "run", shared / "trained" / "checkpoint.txt"
+    with FileLock(str(shared / "trained.lock")):
+        if not recorded.is_file():
+            overrides = [
+                *TINY,
+                "model=efficientnet_lite0",
+                "data.image_size=64",
+                "evaluation.ood.enabled=true",
+                "evaluation.external.enabled=true",
+            ]
+            run_dir.mkdir(parents=True)
+            with train_config(run_dir, overrides) as cfg:
+                summary, _ = train(cfg)
+            recorded.write_text(summary["run"]["best_checkpoint"])
+    return Path(recorded.read_text())
 
 
 def enormous_png(path: Path, width: int = 20_000, height: int = 20_000) -> Path:
