@@ -214,8 +214,21 @@ def report_markdown(root, summary, counts, thresholds, conflicts) -> str:
     return "\n".join(lines)
 
 
+EXAMPLES = """examples:
+  python -m fetalbrain.audit                                    # the embedded dataset -> outputs/audit/
+  python -m fetalbrain.audit /data/another_export --out audit/  # a Roboflow export or a folder per class
+  python -m fetalbrain.audit --threshold 4                      # stricter near-duplicates (pHash distance)
+
+read more: docs/data.md"""
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m fetalbrain.audit",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXAMPLES,
+    )
     parser.add_argument("root", nargs="?", type=Path, default=DEFAULT_ROOT, help="dataset folder")
     parser.add_argument("--out", type=Path, help="output folder (default outputs/audit/<dataset folder>)")
     parser.add_argument("--threshold", type=int, default=DEFAULT_THRESHOLD, help="near-duplicate pHash distance")

@@ -23,6 +23,13 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m fetalbrain.card",
         description="Print a run's model card (writing it when asked or missing); check its checkpoints and its "
         "front matter (the Hugging Face Hub's metadata), offline.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""examples:
+  python -m fetalbrain.card outputs/runs/DATE/TIME                  # print the card, check checkpoints and metadata
+  python -m fetalbrain.card RUN --write --folds outputs/multirun/DATE/TIME/{1,2,3,4}   # mean, std, CI over folds
+  python -m fetalbrain.card RUN --write --rehash                    # record changed checkpoints (you vouch)
+
+read more: docs/training.md ("Model cards")""",
     )
     parser.add_argument("run_dir", type=Path, help="a run directory (holds metrics.json)")
     parser.add_argument(

@@ -344,8 +344,21 @@ def compare(
     return table
 
 
+EXAMPLES = """examples:
+  python -m fetalbrain.compare outputs/multirun/DATE/TIME       # a sweep: one row per setting, mean and interval
+  python -m fetalbrain.compare outputs/runs outputs/multirun --out comparison/
+  python -m fetalbrain.compare --wandb-source ENTITY/PROJECT --group multirun/DATE/TIME
+
+read more: docs/evaluation.md ("Comparing runs")"""
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m fetalbrain.compare",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXAMPLES,
+    )
     parser.add_argument(
         "directories",
         nargs="*",

@@ -60,3 +60,16 @@ def test_python_m_fetalbrain_lists_the_commands():
     for command in ("train", "evaluate", "predict", "app", "export", "generate", "audit", "compare", "card"):
         assert re.search(rf"^\s+{command}\s+\S", result.stdout, re.M), command
     assert "Train one model" in result.stdout
+
+
+@pytest.mark.parametrize("command", ["audit", "compare", "card"])
+def test_argparse_commands_help_with_examples_too(command, capsys):
+    module = __import__(f"fetalbrain.{command}", fromlist=["main"])
+    with pytest.raises(SystemExit) as exit_:
+        module.main(["--help"])
+    text = capsys.readouterr().out
+    assert exit_.value.code == 0 and text.startswith(f"usage: python -m fetalbrain.{command}")
+    examples = re.findall(rf"^  python -m fetalbrain\.{command}\b.*$", text.split("examples:")[1], re.M)
+    assert 2 <= len(examples) <= 6
+    for page in re.findall(r"read more: docs/(\w+)\.md", text):
+        assert (CONF_DIR.parent / "docs" / f"{page}.md").is_file(), page

@@ -82,23 +82,29 @@ def folder_bytes(folder: Path) -> dict:
 
 
 @pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
-def test_a_killed_run_resumed_in_place_ends_like_the_uninterrupted_run(tmp_path, monkeypatch, workers):
-    """With persistent loader workers too (slow): they start at the resumed epoch, not at epoch 0."""
-    full, killed = tmp_path / "full", tmp_path / "killed"
-    run = [o for o in RUN if not o.startswith("data.num_workers=")] + [f"data.num_workers={workers}"]
-    train_cli(monkeypatch, f"hydra.run.dir={full}", *run)
-
+def train_until_killed(monkeypatch, run_dir: Path, run: list[str], inspect=lambda trainer: None) -> None:
+    """Train ``run`` into ``run_dir`` and kill it as epoch KILLED_AT starts (``inspect`` sees the trainer first)."""
     build = fetalbrain.training.fit.build
 
     def build_then_kill(cfg):
         datamodule, model, trainer = build(cfg)
+        inspect(trainer)
         trainer.callbacks.append(KillAtEpoch(KILLED_AT))
         return datamodule, model, trainer
 
     with monkeypatch.context() as patch:
         patch.setattr(fetalbrain.training.fit, "build", build_then_kill)
         with pytest.raises(Killed):
-            train_cli(patch, f"hydra.run.dir={killed}", *run)
+            train_cli(patch, f"hydra.run.dir={run_dir}", *run)
+
+
+def test_a_killed_run_resumed_in_place_ends_like_the_uninterrupted_run(tmp_path, monkeypatch, workers):
+    """With persistent loader workers too (slow): they start at the resumed epoch, not at epoch 0."""
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    run = [o for o in RUN if not o.startswith("data.num_workers=")] + [f"data.num_workers={workers}"]
+    train_cli(monkeypatch, f"hydra.run.dir={full}", *run)
+
+    train_until_killed(monkeypatch, killed, run)
     assert not (killed / "metrics.json").exists()
     assert torch.load(killed / LAST_CHECKPOINT, weights_only=True)["epoch"] == KILLED_AT - 1
     hydra_before, config_before = folder_bytes(killed / ".hydra"), (killed / "config.yaml").read_bytes()
@@ -183,18 +189,11 @@ def test_a_run_whose_last_checkpoint_was_cut_short_goes_on_from_its_newest_whole
     """A kill while Lightning wrote last.ckpt in place (before atomic writes) left it truncated."""
     killed, checkpoints = tmp_path / "killed", tmp_path / "killed" / "checkpoints"
     run = [*(o for o in RUN if not o.startswith("logger=")), "logger=none"]
-    build = fetalbrain.training.fit.build
 
-    def build_then_kill(cfg):
-        datamodule, model, trainer = build(cfg)
-        assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)  # every run writes atomically
-        trainer.callbacks.append(KillAtEpoch(KILLED_AT))
-        return datamodule, model, trainer
+    def writes_atomically(trainer) -> None:  # every run does
+        assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
 
-    with monkeypatch.context() as patch:
-        patch.setattr(fetalbrain.training.fit, "build", build_then_kill)
-        with pytest.raises(Killed):
-            train_cli(patch, f"hydra.run.dir={killed}", *run)
+    train_until_killed(monkeypatch, killed, run, writes_atomically)
     assert not list(checkpoints.glob(f"*{PARTIAL_SUFFIX}"))
     last = killed / LAST_CHECKPOINT
     damaged = last.read_bytes()[: last.stat().st_size // 2]
