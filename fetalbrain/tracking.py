@@ -1,5 +1,6 @@
-"""The old path of ``fetalbrain.training.tracking``: saved run configs (``config.yaml``) name
-``fetalbrain.tracking.wandb_logger`` as a ``_target_``, so that ``resume=`` of older runs still builds it."""
+"""The config-facing path of ``fetalbrain.training.tracking.wandb_logger``: ``conf/logger/wandb.yaml`` and every saved
+run config name it as a ``_target_``, so runs and sweeps of any age resume with the same config. Code imports
+``fetalbrain.training.tracking`` (an import-linter contract)."""
 
 from fetalbrain.training.tracking import wandb_logger
 

@@ -132,7 +132,7 @@ def trained_checkpoint(tmp_path_factory) -> Path:
                 "evaluation.ood.enabled=true",
                 "evaluation.external.enabled=true",
             ]
-            run_dir.mkdir(parents=True)
+            run_dir.mkdir(parents=True, exist_ok=True)  # a worker before may have failed in it
             with train_config(run_dir, overrides) as cfg:
                 summary, _ = train(cfg)
             recorded.write_text(summary["run"]["best_checkpoint"])

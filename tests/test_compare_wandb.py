@@ -33,7 +33,7 @@ class FakeRun:
 
 
 def _logged_config(folder, overrides: list[str], fold: int = 0) -> dict:
-    """The run's W&B config: the resolved config as ``train.build`` logs it (without Hydra's own node, as a
+    """The run's W&B config: the resolved config as ``training.fit.build`` logs it (without Hydra's own node, as a
     job sees it), the task, and what Lightning adds at fit start, the data module's and model's
     hyper-parameters at the top level (their normalisation measured on the fold's training part)."""
     with train_config(folder, overrides) as cfg:

@@ -1,5 +1,5 @@
 """The Optuna sweeper on a persistent study (hydra_plugins/fetalbrain_plugins/optuna_sweeper.py) and the pruning
-callback (fetalbrain/pruning.py): real sweeps from the command line, plus the pieces that need no training."""
+callback (fetalbrain/training/pruning.py): real sweeps from the command line, plus the pieces that need no training."""
 
 import math
 import os

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import albumentations as A
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from albumentations.pytorch import ToTensorV2
@@ -81,7 +82,6 @@ def folder_bytes(folder: Path) -> dict:
     return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
 def train_until_killed(monkeypatch, run_dir: Path, run: list[str], inspect=lambda trainer: None) -> None:
     """Train ``run`` into ``run_dir`` and kill it as epoch KILLED_AT starts (``inspect`` sees the trainer first)."""
     build = fetalbrain.training.fit.build
@@ -98,6 +98,7 @@ def train_until_killed(monkeypatch, run_dir: Path, run: list[str], inspect=lambd
             train_cli(patch, f"hydra.run.dir={run_dir}", *run)
 
 
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
 def test_a_killed_run_resumed_in_place_ends_like_the_uninterrupted_run(tmp_path, monkeypatch, workers):
     """With persistent loader workers too (slow): they start at the resumed epoch, not at epoch 0."""
     full, killed = tmp_path / "full", tmp_path / "killed"
@@ -208,6 +209,10 @@ def test_a_run_whose_last_checkpoint_was_cut_short_goes_on_from_its_newest_whole
     summary = summary_of(killed)
     assert summary["run"]["resumed"] and summary["run"]["epochs_trained"] == EPOCHS
     assert torch.load(last, weights_only=True)["epoch"] == EPOCHS - 1
+    # one CSV log per start of the run; together they hold every epoch, which the training curves draw
+    logs = sorted(killed.glob("csv/version_*/metrics.csv"))
+    epochs = {int(e) for p in logs for e in pd.read_csv(p).dropna(subset=["val/loss"])["epoch"]}
+    assert len(logs) == 2 and epochs == set(range(EPOCHS)) and (killed / "training_curves.png").is_file()
 
 
 def test_resume_passes_over_damaged_checkpoints_and_refuses_when_none_will_do(tmp_path, monkeypatch, caplog):

@@ -99,6 +99,9 @@ def test_every_run_draws_its_training_curves_and_per_class_recall(tmp_path):
     assert present["recall_ci_high"].le(1).all() and present["recall_ci_low"].ge(0).all()
     assert per_class.loc[per_class["support"] == 0, "recall_ci_low"].isna().all()
     assert (present["cases"] >= 1).all()
+    one_case = present[present["cases"] == 1]  # resampling cases, not images: its recall cannot vary
+    assert len(one_case) and (one_case["recall_ci_low"] == one_case["recall"]).all()
+    assert (one_case["recall_ci_high"] == one_case["recall"]).all()
     card = (tmp_path / "model_card.md").read_text()
     assert "(training_curves.png)" in card and "(per_class_recall.png)" in card
 

@@ -165,8 +165,8 @@ def _per_class_recall(run: FinishedRun, options) -> Report:
         written[column] = table[column]
     written.to_csv(per_class_csv, index=False)
     title = f"Recall per class, test part ({options.bootstrap.confidence:.0%} intervals resampling cases)"
-    plots.per_class_recall_figure(table, run.run_dir / per_class.FIGURE, title, options.bootstrap.confidence)
-    return Report({}, [])
+    figure = plots.per_class_recall_figure(table, run.run_dir / per_class.FIGURE, title, options.bootstrap.confidence)
+    return Report({}, [], {"test/per_class_recall": figure})
 
 
 def _check_per_class_recall(options, evaluation, class_names) -> None:

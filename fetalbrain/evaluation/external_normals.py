@@ -204,7 +204,8 @@ def external_report(
     metrics.update({name: float(np.mean(values)) for name, values in indicators.items()})
     metrics.update({name: float(np.mean(v)) if len(v) else float("nan") for name, v in test_values.items()})
     boot = options.bootstrap
-    for name, (low, high) in subject_bootstrap(indicators, subjects, boot.samples, boot.seed, boot.confidence).items():
+    intervals = subject_bootstrap(indicators, subjects, boot.samples, boot.seed, boot.confidence)
+    for name, (low, high) in ((n, i) for n, i in intervals.items() if i is not None):
         metrics[f"{name}_ci_low"], metrics[f"{name}_ci_high"] = low, high
     if not len(test_normal):
         notes.append("external normal check: the test part holds no normal image to compare with")

@@ -114,27 +114,39 @@ def reliability_figure(bins_before: dict, bins_after: dict | None, ece: tuple, p
     return _save(fig, path)
 
 
-def training_curves_figure(metrics_csv: Path, path: Path) -> Path | None:
-    """Loss, macro F1 and learning rate per epoch from a run's CSV log (Lightning's ``CSVLogger``), train and
-    validation side by side; a generator's losses alike. None when the log holds no epoch yet."""
+def _epochs_of(metrics_csv: Path):
+    """One CSV log's values per epoch: the mean of each train/val metric, and the learning rate in force at the
+    epoch's last step (logged by step)."""
     import pandas as pd
 
     log = pd.read_csv(metrics_csv)
     fit = log[log.filter(regex="^(train|val)/").notna().any(axis=1)].dropna(subset=["epoch"])  # not test's rows
     epochs = fit.groupby("epoch").mean(numeric_only=True)
-    if epochs.empty:
-        return None
-    panels = {
-        "loss": [c for c in epochs if c.endswith("loss") and c.startswith(("train/", "val/"))],
-        "macro F1": [c for c in epochs if c in ("train/f1_macro", "val/f1_macro")],
-    }
     lr_columns = [c for c in log if c.startswith("lr-")]
-    if lr_columns:  # logged by step: the rate in force at each epoch's last step
+    if lr_columns and not epochs.empty:
         ends = fit.groupby("epoch")["step"].max()
         rates = log[["step", *lr_columns]].dropna(how="all", subset=lr_columns).sort_values("step")
         at_end = pd.merge_asof(ends.reset_index().sort_values("step"), rates, on="step").set_index("epoch")
         epochs = epochs.drop(columns=lr_columns, errors="ignore").join(at_end[lr_columns])
-        panels["learning rate"] = lr_columns
+    return epochs
+
+
+def training_curves_figure(metrics_csvs: list[Path], path: Path) -> Path | None:
+    """Loss, macro F1 and learning rate per epoch from a run's CSV logs (Lightning's ``CSVLogger``, one per start
+    of the run: a resumed run adds one; for an epoch trained again the newest log wins), train and validation side
+    by side; a generator's losses alike. None when the logs hold no epoch yet."""
+    import pandas as pd
+
+    tables = [_epochs_of(metrics_csv) for metrics_csv in metrics_csvs]
+    tables = [table for table in tables if not table.empty]
+    if not tables:
+        return None
+    epochs = pd.concat(tables).groupby(level=0).last()
+    panels = {
+        "loss": [c for c in epochs if c.endswith("loss") and c.startswith(("train/", "val/"))],
+        "macro F1": [c for c in epochs if c in ("train/f1_macro", "val/f1_macro")],
+        "learning rate": [c for c in epochs if c.startswith("lr-")],
+    }
     panels = {title: columns for title, columns in panels.items() if columns}
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
     for ax, (title, columns) in zip(axes[0], panels.items()):

@@ -1,17 +1,17 @@
 """The test report every classification run writes into its directory, and the metrics it adds.
 
 The best checkpoint is tested; its tables and figures are written here, then every check of
-``evaluation.checks.CHECKS`` that is on runs on the finished run (calibration, screening, shortcut, nearest
-neighbour, hierarchy, OOD, external normals).
+``evaluation.checks.CHECKS`` that is on runs on the finished run (calibration, screening, shortcut, per-class
+recall, nearest neighbour, hierarchy, OOD, external normals).
 
 Files: per_class.csv, predictions.csv, confusion_matrix.png (counts), confusion_matrix_normalised.png, roc.png,
-screening_roc.png, reliability.png, and with ``evaluation.ood.enabled`` the out-of-distribution detector ood_detector.pt
-with ood_scores.png and ood_scores.csv, and with ``evaluation.external.enabled`` the external normal check's
-external_normals.csv and external_normals.png, with ``evaluation.nearest_neighbour.enabled`` the 1-NN
-baseline's nearest_neighbour.csv, with ``evaluation.hierarchy.enabled`` hierarchy.csv. Metrics (stable names):
-``test/ece``, ``test/nll``, ``calibration/temperature``, ``test/ece_temperature_scaled``,
-``test/nll_temperature_scaled``, ``screening/...``, ``shortcut/...``, ``ood/...``, ``external/...``,
-``baseline/...`` and ``hierarchy/...`` (see their modules).
+screening_roc.png, reliability.png, per_class_recall.png, and with ``evaluation.ood.enabled`` the out-of-
+distribution detector ood_detector.pt with ood_scores.png and ood_scores.csv, and with
+``evaluation.external.enabled`` the external normal check's external_normals.csv and external_normals.png, with
+``evaluation.nearest_neighbour.enabled`` the 1-NN baseline's nearest_neighbour.csv, with
+``evaluation.hierarchy.enabled`` hierarchy.csv. Metrics (stable names): ``test/ece``, ``test/nll``,
+``calibration/temperature``, ``test/ece_temperature_scaled``, ``test/nll_temperature_scaled``, ``screening/...``,
+``shortcut/...``, ``ood/...``, ``external/...``, ``baseline/...`` and ``hierarchy/...`` (see their modules).
 """
 
 import logging

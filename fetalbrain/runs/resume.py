@@ -233,7 +233,9 @@ def _sweep_job_config(cfg: DictConfig, job_dir: Path) -> DictConfig:
     saved = OmegaConf.load(job_dir / CONFIG_FILE)
     before = flatten_config(OmegaConf.to_container(saved, resolve=True))
     now = flatten_config(OmegaConf.to_container(cfg, resolve=True))
-    differing = sorted(k for k in before.keys() | now.keys() if k != "resume" and before.get(k) != now.get(k))
+    # A key the run's config lacks was added to the project since it started (a new check, say): the run goes on
+    # with its own config, so only the keys it has must agree.
+    differing = sorted(k for k in before if k != "resume" and before.get(k) != now.get(k))
     if differing:
         raise ResumeError(
             f"{job_dir} holds a run with another config ({', '.join(differing[:6])} differ): a sweep goes on in "

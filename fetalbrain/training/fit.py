@@ -91,13 +91,19 @@ def build(cfg: DictConfig):
 
 
 def write_training_curves(trainer, run_dir: Path) -> Path | None:
-    """``training_curves.png`` from the run's CSV log (loss, macro F1, learning rate per epoch), before the model
-    card that shows it; None without a CSV log or an epoch in it."""
-    for logger in trainer.loggers:
-        metrics_csv = Path(logger.log_dir) / "metrics.csv" if isinstance(logger, CSVLogger) else None
-        if metrics_csv is not None and metrics_csv.is_file():
-            return training_curves_figure(metrics_csv, run_dir / CURVES_FILE)
-    return None
+    """``training_curves.png`` from the run's CSV logs (loss, macro F1, learning rate per epoch; a resumed run has
+    one log per start), before the model card that shows it. None without a log or an epoch in it, or when the
+    figure fails: a missing picture must not cost the finished run its card."""
+    folders = {Path(logger.log_dir).parent for logger in trainer.loggers if isinstance(logger, CSVLogger)}
+    logs = sorted(
+        (p for folder in folders for p in folder.glob("version_*/metrics.csv")),
+        key=lambda p: int(p.parent.name.removeprefix("version_")) if p.parent.name[8:].isdigit() else -1,
+    )
+    try:
+        return training_curves_figure(logs, run_dir / CURVES_FILE) if logs else None
+    except Exception as error:  # noqa: BLE001 (a figure, never a reason to lose the run)
+        log.warning("No %s: %s", CURVES_FILE, error)
+        return None
 
 
 def train(cfg: DictConfig) -> tuple[dict, dict]:
