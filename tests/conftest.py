@@ -1,6 +1,7 @@
 """Shared fixtures: the embedded dataset, small exports cut from it, and Hydra config composition."""
 
 import os
+import tempfile
 
 os.environ.update(
     HF_HUB_OFFLINE="1",
@@ -8,6 +9,9 @@ os.environ.update(
     NO_ALBUMENTATIONS_UPDATE="1",
     GRADIO_ANALYTICS_ENABLED="False",
     WANDB_SILENT="true",
+    # Each test process its own gradio file cache: a server closing in one worker must not delete the files
+    # another worker's server is sending (they share /tmp/gradio otherwise).
+    GRADIO_TEMP_DIR=tempfile.mkdtemp(prefix="fetalbrain-tests-gradio-"),
 )
 
 import shutil  # noqa: E402
