@@ -45,7 +45,7 @@ browser: ## install Debian's Chromium for the GUI browser test (needs root and a
 train: ## train and test the default model on the embedded dataset (args: ARGS="model=cnn ...")
 	$(PY) -m fetalbrain.train $(ARGS)
 
-test: ## the fast test suite (offline; under 5 minutes on 2 cores: one worker per core, WORKERS=1 for one process)
+test: ## the fast test suite (offline; about 5 minutes on 2 cores: one worker per core, WORKERS=1 for one process)
 	$(TEST_ENV) $(PY) -m pytest -m "not slow" -q $(if $(filter-out 1,$(WORKERS)),-n $(WORKERS) --dist loadfile)
 
 test-all: ## every test, the slow ones too
