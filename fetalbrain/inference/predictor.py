@@ -29,7 +29,6 @@ from fetalbrain.models.gradcam import grad_cam, overlay
 from fetalbrain.runs.checkpoints import read_checkpoint, run_directory
 from fetalbrain.runs.choices import run_choices
 from fetalbrain.runs.integrity import sha256_file, verify_checkpoint
-from fetalbrain.runs.layout import read_summary
 
 log = logging.getLogger(__name__)
 ONNX_METADATA_KEY = "fetalbrain"
@@ -89,14 +88,11 @@ def deployment_metadata(checkpoint: Path, state: dict, screening_rule: str = "yo
         "preprocessing": choices.preprocessing,
         "run": str(run_directory(checkpoint).name),
         "checkpoint": checkpoint.name,
-        "test_metrics": {},
+        "test_metrics": {k: choices.metrics[k] for k in SHOWN if k in choices.metrics},
         "screening_threshold": choices.thresholds.get(screening_rule),
         "temperature": choices.temperature,
         "tta": choices.tta,  # model.tta: an ONNX export runs its views through the plain net
     }
-    if choices.source is not None:
-        metrics = read_summary(choices.run_dir)["metrics"]
-        card["test_metrics"] = {k: metrics[k] for k in SHOWN if k in metrics}
     return card
 
 

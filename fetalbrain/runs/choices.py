@@ -43,6 +43,7 @@ class RunChoices:
     ensemble: str | None = None  # for several checkpoints: how their outputs and choices are combined
     preprocessing: dict | None = None  # the checkpoint's (``model.preprocessing``), when its contents were given
     tta: str = "none"  # the checkpoint's ``model.tta``
+    metrics: dict = field(default_factory=dict)  # the run's metrics.json metrics, as read
 
 
 def run_choices(checkpoint: Path, state: dict | None = None) -> RunChoices:
@@ -65,7 +66,7 @@ def run_choices(checkpoint: Path, state: dict | None = None) -> RunChoices:
     summary = read_summary(run_dir)
     metrics = summary.get("metrics") or {}
     choices.run_dir, choices.source = run_dir, str(run_dir / SUMMARY_FILE)
-    choices.thresholds = screening_thresholds(metrics)
+    choices.metrics, choices.thresholds = metrics, screening_thresholds(metrics)
     if metrics.get(TEMPERATURE) is not None:
         choices.temperature = float(metrics[TEMPERATURE])
     if metrics.get("ood/test_flag_rate") is not None:

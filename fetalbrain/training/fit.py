@@ -12,7 +12,6 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.fabric.utilities.rank_zero import rank_zero_only
-from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
@@ -70,12 +69,9 @@ def build(cfg: DictConfig):
     loggers = instantiate_group(cfg.get("logger"), job_type=model.task)
     if not any(isinstance(logger, CSVLogger) for logger in loggers):  # every run keeps its curves, whatever logs it
         loggers.append(CSVLogger(cfg.paths.output_dir, name=CSV_LOG_DIR))
-    callbacks = [
-        c for c in instantiate_group(cfg.get("callbacks")) if loggers or not isinstance(c, LearningRateMonitor)
-    ]
-    callbacks.insert(0, ReproducibleEpochs())  # not a config choice: every run must be resumable exactly
+    callbacks = [ReproducibleEpochs(), *instantiate_group(cfg.get("callbacks"))]  # resumable exactly: not a choice
     try:
-        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
     except InstantiationException as error:  # e.g. more devices than the machine has: name the keys
         if not isinstance(error.__cause__, MisconfigurationException):
             raise
