@@ -4,7 +4,8 @@ The best checkpoint is tested; its tables and figures are written here, then eve
 ``evaluation.checks.CHECKS`` that is on runs on the finished run (calibration, screening, shortcut, per-class
 recall, nearest neighbour, hierarchy, OOD, external normals).
 
-Files: per_class.csv, predictions.csv, confusion_matrix.png (counts), confusion_matrix_normalised.png, roc.png,
+Files: per_class.csv, predictions.csv (test) and val_predictions.csv (validation, best weights: what a study
+chooses on), each with the image's source, case and split group, confusion_matrix.png (counts), confusion_matrix_normalised.png, roc.png,
 screening_roc.png, reliability.png, per_class_recall.png, and with ``evaluation.ood.enabled`` the
 out-of-distribution detector ood_detector.pt with ood_scores.png and ood_scores.csv, and with
 ``evaluation.external.enabled`` the external normal check's external_normals.csv and external_normals.png, with
@@ -55,7 +56,12 @@ def per_class_table(probs: np.ndarray, targets: np.ndarray, class_names: list[st
     )
 
 
-def predictions_table(test: Predictions, class_names: list[str]) -> pd.DataFrame:
+GROUP_COLUMNS = ("source", "case", "group")  # what a case-level bootstrap or a pooled study resamples
+
+
+def predictions_table(test: Predictions, class_names: list[str], rows: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per image: path, true and predicted class, confidence, the class probabilities and, given the
+    part's rows of the data table, the image's source, case and split group."""
     frame = pd.DataFrame(
         {
             "path": test.paths,
@@ -64,14 +70,21 @@ def predictions_table(test: Predictions, class_names: list[str]) -> pd.DataFrame
             "confidence": test.probs.max(axis=1),
         }
     )
+    if rows is not None:
+        groups = rows.reset_index(drop=True).iloc[: len(frame)]
+        for column in GROUP_COLUMNS:
+            if column in groups:
+                frame[column] = groups[column].to_numpy()
     return pd.concat([frame, pd.DataFrame(test.probs, columns=[f"p_{c}" for c in class_names])], axis=1)
 
 
-def write_test_files(out_dir: Path, test: Predictions, class_names: list[str], title: str) -> list[str]:
+def write_test_files(
+    out_dir: Path, test: Predictions, class_names: list[str], title: str, rows: pd.DataFrame | None = None
+) -> list[str]:
     """The per-image and per-class tables, confusion matrices and ROC of the test part; notes on absent classes."""
     out_dir.mkdir(parents=True, exist_ok=True)
     per_class_table(test.probs, test.targets, class_names).to_csv(out_dir / "per_class.csv", index=False)
-    predictions_table(test, class_names).to_csv(out_dir / "predictions.csv", index=False)
+    predictions_table(test, class_names, rows).to_csv(out_dir / "predictions.csv", index=False)
     matrix = confusion_matrix(test.targets, test.probs.argmax(axis=1), labels=list(range(len(class_names))))
     plots.confusion_matrix_figure(matrix, class_names, out_dir / "confusion_matrix.png", title)
     plots.confusion_matrix_figure(
@@ -101,8 +114,11 @@ def classification_report(model, trainer, datamodule, run_dir: Path, options) ->
     test.paths = list(datamodule.part_table("test")["path"])[: len(test.targets)]
     with step("Report: validation predictions (the thresholds and temperature are chosen on them)", log):
         val = Predictions(*(t.numpy() for t in model.predict_proba(datamodule.val_dataloader())))
+    val_rows = datamodule.part_table("val")  # the validation loader is not shuffled either
+    val.paths = list(val_rows["path"])[: len(val.targets)]
+    predictions_table(val, datamodule.class_names, val_rows).to_csv(run_dir / "val_predictions.csv", index=False)
     title = f"{model.hparams.name} test, split {datamodule.hparams.splitter}"
-    notes = write_test_files(run_dir, test, datamodule.class_names, title)
+    notes = write_test_files(run_dir, test, datamodule.class_names, title, datamodule.part_table("test"))
     # The model holds the tested weights: the OOD detector is fitted on the features they give.
     checkpoint = best or final_checkpoint(trainer.checkpoint_callback)
     report = run_checks(FinishedRun(model, datamodule, run_dir, options, val, test, checkpoint))
