@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 COMMANDS = (  # in the order of a researcher's day
-    "train", "evaluate", "predict", "app", "export", "compare", "card",
+    "train", "evaluate", "predict", "app", "export", "compare", "study", "card",
     "generate", "synth_quality", "audit", "benchmark",
 )  # fmt: skip
 

@@ -17,7 +17,6 @@ import logging
 import os
 import re
 import sys
-import warnings
 from pathlib import Path
 
 import matplotlib
@@ -27,13 +26,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
-from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score  # noqa: E402
+from sklearn.metrics import confusion_matrix  # noqa: E402
 
 from fetalbrain.evaluation.intervals import mean_interval  # noqa: E402
 from fetalbrain.evaluation.metrics import COMPARED  # noqa: E402
 from fetalbrain.evaluation.plots import confusion_matrix_figure  # noqa: E402
 from fetalbrain.progress import track  # noqa: E402
 from fetalbrain.runs.layout import CONFIG_FILE, DEFAULT_LOG_DIR, find_runs, flatten_config, read_summary  # noqa: E402
+from fetalbrain.studies import statistics as st  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -219,30 +219,30 @@ def per_class_recall(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def pooled_predictions(runs: pd.DataFrame, out: Path) -> pd.DataFrame:
-    """Pool out-of-fold predictions per group: one confusion matrix and one set of pooled scores."""
+    """Pool the test predictions of each group's runs: one confusion matrix and one set of pooled scores (the
+    metrics' definitions of ``fetalbrain.studies.statistics``). Out-of-fold only where every image is scored once
+    (folds of a grouped split); runs that scored the same images (seeds on one split) are pooled and said so."""
     rows = []
     for group, members in runs.groupby("group", sort=True):
         predictions = pd.concat([pd.read_csv(Path(r) / "predictions.csv") for r in members["run"]])
         classes = [c[2:] for c in predictions.columns if c.startswith("p_")]
-        index = {c: i for i, c in enumerate(classes)}
-        true, predicted = predictions["true"].map(index), predictions["predicted"].map(index)
-        matrix = confusion_matrix(true, predicted, labels=list(range(len(classes))))
-        confusion_matrix_figure(
-            matrix,
-            classes,
-            out / f"confusion_{slug(group)}.png",
-            f"{group}: pooled out-of-fold predictions (n={len(predictions)})",
+        true = predictions["true"].map({c: i for i, c in enumerate(classes)}).to_numpy()
+        probs = predictions[[f"p_{c}" for c in classes]].to_numpy(float)
+        distinct = predictions["path"].nunique()
+        what = (
+            f"pooled out-of-fold predictions (n={len(predictions)})"
+            if distinct == len(predictions)
+            else f"{len(members)} runs' predictions of the same {distinct} images, pooled (n={len(predictions)})"
         )
-        with warnings.catch_warnings():  # classes predicted but absent from every test part are expected
-            warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
-            balanced = balanced_accuracy_score(true, predicted)
+        matrix = confusion_matrix(true, probs.argmax(axis=1), labels=list(range(len(classes))))
+        confusion_matrix_figure(matrix, classes, out / f"confusion_{slug(group)}.png", f"{group}: {what}")
+        scores = st.scores(true, probs, ("accuracy", "balanced_accuracy", "f1_macro"))
         rows.append(
             {
                 "group": group,
                 "pooled_images": len(predictions),
-                "pooled_accuracy": float((true == predicted).mean()),
-                "pooled_balanced_accuracy": balanced,
-                "pooled_f1_macro": f1_score(true, predicted, average="macro", labels=sorted(set(true))),
+                "distinct_images": distinct,
+                **{f"pooled_{name}": value for name, value in scores.items()},
             }
         )
     return pd.DataFrame(rows)
@@ -253,7 +253,7 @@ def slug(text: str) -> str:
 
 
 def markdown_table(summary: pd.DataFrame, pooled: pd.DataFrame | None) -> str:
-    header = ["group", "runs", *COMPARED.values(), *(["pooled OOF macro F1"] if pooled is not None else [])]
+    header = ["group", "runs", *COMPARED.values(), *(["pooled macro F1"] if pooled is not None else [])]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for group, rows in summary.groupby("group", sort=True):
         cells = [group, str(int(rows["n"].max()))]
@@ -328,7 +328,7 @@ def compare(
     external = summary[summary["metric"] == "external/normal_specificity"]
     external_checked = bool((external["n"] > 0).any())
     pooled_note = (
-        "pooled OOF = all test predictions of a group pooled."
+        "pooled = all test predictions of a group pooled (out-of-fold where each image was scored once)."
         if from_folders
         else "Per-class recall and the pooled out-of-fold confusion matrices need each run's predictions: "
         "compare the run folders for them."

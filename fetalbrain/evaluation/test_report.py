@@ -5,8 +5,9 @@ The best checkpoint is tested; its tables and figures are written here, then eve
 recall, nearest neighbour, hierarchy, OOD, external normals).
 
 Files: per_class.csv, predictions.csv (test) and val_predictions.csv (validation, best weights: what a study
-chooses on), each with the image's source, case and split group, confusion_matrix.png (counts), confusion_matrix_normalised.png, roc.png,
-screening_roc.png, reliability.png, per_class_recall.png, and with ``evaluation.ood.enabled`` the
+chooses on), each with the image's source, case and split group, confusion_matrix.png (counts),
+confusion_matrix_normalised.png, roc.png, screening_roc.png, reliability.png,
+per_class_recall.png, and with ``evaluation.ood.enabled`` the
 out-of-distribution detector ood_detector.pt with ood_scores.png and ood_scores.csv, and with
 ``evaluation.external.enabled`` the external normal check's external_normals.csv and external_normals.png, with
 ``evaluation.nearest_neighbour.enabled`` the 1-NN baseline's nearest_neighbour.csv, with
