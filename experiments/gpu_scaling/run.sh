@@ -10,7 +10,8 @@
 #   CPU_CHECK=1 bash experiments/gpu_scaling/run.sh             # the small CPU check of the README
 #
 # Writes $OUT (default experiments/gpu_scaling/results/): benchmark_<name>.md, .json and .log, and
-# nvidia-smi.txt; the benchmark's run folder (job logs of the parallel section) stays in outputs/gpu_scaling/.
+# nvidia-smi.txt, and the README's tables as CSV (tables.py); the benchmark's run folder (job logs of the
+# parallel section) stays in outputs/gpu_scaling/.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 if [ -z "${PY:-}" ]; then
@@ -38,4 +39,5 @@ RUN_DIR=${RUN_DIR:-outputs/gpu_scaling/$NAME-$(date +%Y-%m-%d_%H-%M-%S)}
 "$PY" -m fetalbrain.benchmark "${SETTINGS[@]}" hydra.run.dir="$RUN_DIR" "$@" 2>&1 | tee "$RESULTS/benchmark_$NAME.log"
 cp "$RUN_DIR/benchmark.md" "$RESULTS/benchmark_$NAME.md"
 cp "$RUN_DIR/benchmark.json" "$RESULTS/benchmark_$NAME.json"
+"$PY" experiments/gpu_scaling/tables.py "$RESULTS"   # the README's tables: <name>_{models,pipeline,parallel}.csv, goals.csv
 echo "Results: $RESULTS/benchmark_$NAME.md"

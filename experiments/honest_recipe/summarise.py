@@ -2,6 +2,7 @@
 
     python experiments/honest_recipe/summarise.py GRID_DIR [--search DIR] [--ensembles DIR] --out RESULTS_DIR
     python experiments/honest_recipe/summarise.py --best-overrides SEARCH_DIR   # the search's best, as overrides
+    python experiments/honest_recipe/summarise.py --readme-tables RESULTS_DIR   # README tables from results/ alone
 
 GRID_DIR holds one folder per setting with one run per test fold (``<setting>/fold<k>``). Writes to RESULTS_DIR:
 
@@ -11,7 +12,12 @@ GRID_DIR holds one folder per setting with one run per test fold (``<setting>/fo
   folds it wins;
 * ``honest_recipe.md``: the table, the hierarchical view, with ``--search`` the Optuna trials, and with
   ``--ensembles`` (``<DIR>/<setting>``: ``evaluate`` of the setting's fold models as one ensemble on the external
-  normal heads) the ensemble's specificity there beside its members'.
+  normal heads) the ensemble's specificity there beside its members';
+* ``readme_*.csv``: the README's tables (its generated blocks), from the three files above only:
+  ``readme_primary.csv`` (the pre-stated primary endpoint, macro F1), ``readme_paired.csv`` (paired differences
+  from ``default``: the primary endpoint and the secondary one the README discusses), ``readme_secondary.csv``,
+  ``readme_hierarchy.csv`` (with the folds each setting has), ``readme_ensembles.csv`` and ``readme_search.csv``.
+  ``python summarise.py --readme-tables RESULTS_DIR`` rewrites them from the committed files alone (no run folder).
 
 A setting "wins across folds" when its macro F1 beats the default's on every fold it has and the 95 % interval of
 the paired difference lies above 0.
@@ -168,6 +174,121 @@ def best_overrides(search: Path) -> str:
     return " ".join(f"{k}={v}" for k, v in results["best_params"].items())
 
 
+def spread(values: pd.Series) -> str:
+    """Mean ± std over the folds (a description of the spread between folds, no interval)."""
+    values = values.dropna()
+    if not len(values):
+        return "–"
+    return f"{values.mean():.3f}" if len(values) == 1 else f"{values.mean():.3f} ± {values.std(ddof=1):.3f}"
+
+
+def markdown_table(text: str, first_header: str) -> pd.DataFrame:
+    """The markdown table of ``text`` whose header row starts with ``| first_header |``, as strings."""
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith(f"| {first_header} |")), None)
+    if start is None:
+        return pd.DataFrame()
+    cells = lambda line: [c.strip() for c in line.strip().strip("|").split("|")]  # noqa: E731
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append(cells(line))
+    return pd.DataFrame(rows, columns=cells(lines[start]))
+
+
+def readme_tables(out: Path) -> None:
+    """The README's tables, from ``honest_recipe_runs.csv`` and ``honest_recipe.md`` of ``out`` alone.
+
+    Test scores are described by mean ± std over the folds; the paired differences keep their 5-fold t-interval
+    (``mean_interval``) only as a column marked not valid (overlapping training sets, one seed per fold)."""
+    runs = pd.read_csv(out / "honest_recipe_runs.csv")
+    settings = [BASE] + sorted(s for s in runs["setting"].unique() if s != BASE)
+    by_setting = {setting: runs[runs["setting"] == setting] for setting in settings}
+
+    primary = [
+        {
+            "setting": setting,
+            "folds": len(group),
+            "epochs trained": f"{group['epochs'].min()}–{group['epochs'].max()}",
+            "macro F1 (primary), mean ± std over folds": spread(group["test/f1_macro"]),
+        }
+        for setting, group in by_setting.items()
+    ]
+    pd.DataFrame(primary).to_csv(out / "readme_primary.csv", index=False)
+
+    paired_rows = []
+    for endpoint, key in (("primary", "test/f1_macro"), ("secondary", "external/normal_specificity")):
+        for setting in settings[1:]:
+            difference = paired(runs, setting, key)
+            paired_rows.append(
+                {
+                    "endpoint": f"{endpoint}: {MAIN[key]}",
+                    "setting": setting,
+                    "setting, mean": by_setting[setting][key].mean(),
+                    "default, mean": by_setting[BASE][key].mean(),
+                    "difference (paired, mean over folds)": difference["mean"],
+                    "5-fold t-interval low (not valid)": difference["ci95_low"],
+                    "5-fold t-interval high (not valid)": difference["ci95_high"],
+                    "folds better": f"{difference['wins']} of {difference['n']}",
+                }
+            )
+    pd.DataFrame(paired_rows).to_csv(out / "readme_paired.csv", index=False, float_format="%.4f")
+
+    secondary = [
+        {"setting": setting, **{MAIN[key]: spread(group[key]) for key in MAIN if key != "test/f1_macro"}}
+        for setting, group in by_setting.items()
+    ]
+    pd.DataFrame(secondary).to_csv(out / "readme_secondary.csv", index=False)
+
+    hierarchy = [
+        {
+            "setting": setting,
+            "folds with a hierarchy report": int(group[next(iter(HIERARCHY))].notna().sum()),
+            **{title: spread(group[key]) for key, title in HIERARCHY.items()},
+        }
+        for setting, group in by_setting.items()
+    ]
+    pd.DataFrame(hierarchy).to_csv(out / "readme_hierarchy.csv", index=False)
+
+    text = (out / "honest_recipe.md").read_text()
+    ensembles = markdown_table(text, "setting | members")
+    if len(ensembles):
+        interval = ensembles["ensemble: specificity (Youden)"].str.extract(r"([\d.]+) \[([\d.]+), ([\d.]+)\]")
+        pd.DataFrame(
+            {
+                "setting": ensembles["setting"],
+                "members": ensembles["members"].astype(int),
+                "ensemble: external specificity (Youden)": interval[0].astype(float),
+                "bootstrap 95 % low (images)": interval[1].astype(float),
+                "bootstrap 95 % high (images)": interval[2].astype(float),
+                "members: external specificity, mean ± std": ensembles["members: specificity (Youden)"],
+                "ensemble: called normal (top class)": ensembles["ensemble: called normal"].astype(float),
+                "ensemble: flagged not an ultrasound": ensembles["ensemble: OOD flagged"].astype(float),
+            }
+        ).to_csv(out / "readme_ensembles.csv", index=False)
+    trials = markdown_table(text, "trial | state")
+    if len(trials):
+        table = pd.DataFrame(
+            {
+                "trial": trials["trial"].astype(int),
+                "state": trials["state"],
+                "validation macro F1 (objective)": trials["value"].replace("–", "nan").astype(float),
+                "learning rate (× 1e-3)": trials["optimizer.lr"].astype(float) * 1000,
+            }
+        )
+        for column in (
+            "model.label_smoothing",
+            "data/transforms",
+            "model.loss",
+            "model.class_weighting",
+            "model.mixup_alpha",
+        ):
+            if column in trials:
+                table[column] = trials[column]
+        table.to_csv(out / "readme_search.csv", index=False)
+
+
 def main(grid: Path, out: Path, search: Path | None, ensembles: Path | None = None) -> None:
     runs = run_rows(grid)
     out.mkdir(parents=True, exist_ok=True)
@@ -222,6 +343,7 @@ def main(grid: Path, out: Path, search: Path | None, ensembles: Path | None = No
         "# Honest recipe: grouped 5-fold CV by case\n\nTest scores over the folds: mean ± std [95 % t-interval]; "
         "a setting in bold wins across folds (better on every fold, paired interval above 0).\n\n" + text + "\n"
     )
+    readme_tables(out)
     print(text)
 
 
@@ -229,6 +351,8 @@ if __name__ == "__main__":
     arguments = sys.argv[1:]
     if arguments[:1] == ["--best-overrides"] and len(arguments) == 2:
         print(best_overrides(Path(arguments[1])))
+    elif arguments[:1] == ["--readme-tables"] and len(arguments) == 2:
+        readme_tables(Path(arguments[1]))
     elif len(arguments) >= 3 and "--out" in arguments:
         out = Path(arguments[arguments.index("--out") + 1])
         search = Path(arguments[arguments.index("--search") + 1]) if "--search" in arguments else None

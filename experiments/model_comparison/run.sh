@@ -35,3 +35,5 @@ for model in $MODELS; do
 done
 wait
 $PY -m fetalbrain.compare "$OUT" --out "${RESULTS:-experiments/model_comparison/results}"
+# accuracy against efficiency, and the README's tables (readme_*.csv), when the results are this folder's
+if [ -z "${RESULTS:-}" ]; then $PY experiments/model_comparison/efficiency.py; fi

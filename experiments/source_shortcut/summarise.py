@@ -2,10 +2,13 @@
 
 One row per (model, preprocessing) over the grouped folds: mean ± std and the 95 % t-interval of the
 classification, screening, shortcut, external-normal and OOD metrics of each run's own report.
-Writes ``runs.csv`` (every run) and ``summary.csv`` / ``summary.md``.
+Writes ``runs.csv`` (every run) and ``summary.csv`` / ``summary.md``, and ``readme_classifiers.csv`` (the README's
+table: metrics as rows, mean ± std over folds, no t-interval). ``python summarise.py --readme-tables RESULTS_DIR``
+rewrites the README table from the committed ``summary.csv`` alone (no run folder needed).
 """
 
 import argparse
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -80,17 +83,50 @@ def markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def readme_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """``summary.csv`` turned for the README: metrics as rows, one column per (model, size, preprocessing), mean ±
+    std over the folds only (a description of the spread between folds: its 5-fold t-intervals are not valid)."""
+    order = {
+        ("cnn", "none"): 0,
+        ("cnn", "anatomy"): 1,
+        ("efficientnet_lite0", "none"): 2,
+        ("efficientnet_lite0", "anatomy"): 3,
+    }
+    rows = sorted(summary.to_dict("records"), key=lambda r: order.get((r["model"], r["harmonise"]), len(order)))
+    columns = {
+        f"{r['model']} {r['image size']} px, {r['harmonise']} ({r['folds']} folds)": [
+            re.sub(r" \[.*\]$", "", str(r[title])) if pd.notna(r.get(title)) else "–" for title in METRICS.values()
+        ]
+        for r in rows
+    }
+    return pd.DataFrame({"metric": list(METRICS.values()), **columns})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("runs", type=Path)
+    parser.add_argument("runs", type=Path, nargs="?")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument(
+        "--readme-tables",
+        type=Path,
+        metavar="RESULTS_DIR",
+        help="only rewrite readme_classifiers.csv from RESULTS_DIR/summary.csv",
+    )
     args = parser.parse_args()
+    if args.readme_tables:
+        readme_table(pd.read_csv(args.readme_tables / "summary.csv")).to_csv(
+            args.readme_tables / "readme_classifiers.csv", index=False
+        )
+        return
+    if args.runs is None:
+        parser.error("RUNS_DIR is required (or --readme-tables RESULTS_DIR)")
     args.out.mkdir(parents=True, exist_ok=True)
     runs = run_rows(args.runs)
     runs.drop(columns="run").to_csv(args.out / "runs.csv", index=False, float_format="%.4f")
     table = summary_table(runs)
     table.to_csv(args.out / "summary.csv", index=False)
     (args.out / "summary.md").write_text(markdown(table))
+    readme_table(table).to_csv(args.out / "readme_classifiers.csv", index=False)
     print(table.set_index(["model", "image size", "harmonise"]).T.to_string())
 
 
