@@ -13,7 +13,7 @@ import yaml
 from fetalbrain.studies import statistics as st
 from fetalbrain.studies.readme import blocks_in, stale_blocks, write_readme
 from fetalbrain.studies.spec import EXPERIMENTS_DIR, StudyError, load_study
-from tests.conftest import TINY, run_cli
+from tests.conftest import TINY, run_cli, train_config
 
 TINY_STUDY = [o for o in TINY if "limit_" not in o and "max_epochs" not in o] + [
     "trainer.max_epochs=1",
@@ -175,3 +175,17 @@ def test_write_readme_fills_table_blocks(tmp_path):
     readme.write_text("x\n<!-- generated:table:a.csv -->\n<!-- /generated:table:a.csv -->\n")
     write_readme(readme, tmp_path / "results")
     assert "| cnn | 0.835 |" in readme.read_text() and stale_blocks(readme, tmp_path / "results") == []
+
+
+@pytest.mark.parametrize("study_file", sorted(EXPERIMENTS_DIR.glob("*/study.yaml")), ids=lambda p: p.parent.name)
+def test_declared_studies_compose(study_file, tmp_path):
+    """Every declared study loads, and each condition's first job composes as fetalbrain.train would run it."""
+    study = load_study(study_file)
+    assert study.baseline in study.conditions and study.primary in study.endpoints
+    for condition in study.conditions:
+        first_job = [
+            o.split("=")[0] + "=" + o.split("=", 1)[1].split(",")[0] if o.count(",") and "[" not in o else o
+            for o in study.grid(condition)
+        ]
+        with train_config(tmp_path, first_job) as cfg:
+            assert cfg.seed == study.seeds[0]

@@ -15,7 +15,7 @@ import pandas as pd
 
 from fetalbrain.studies.statistics import LABELS
 
-BLOCK = re.compile(r"(<!-- generated:(?P<name>[\w.:-]+) -->\n)(?P<body>.*?)(<!-- /generated:(?P=name) -->)", re.S)
+BLOCK = re.compile(r"(<!-- generated:(?P<name>[\w./:-]+) -->\n)(?P<body>.*?)(<!-- /generated:(?P=name) -->)", re.S)
 
 
 def _number(value, digits: int = 3) -> str:
@@ -188,6 +188,15 @@ def run_metric_table(results: Path) -> str:
     return _table(["run report metric: mean (min–max) over runs", *conditions], rows)
 
 
+def status(results: Path) -> str:
+    table = _read(results, "status.csv")
+    rows = [
+        [r.condition, f"{r.finished} of {r.jobs}", "" if r.finished == r.jobs else "**not finished**"]
+        for r in table.itertuples()
+    ]
+    return _table(["condition", "jobs finished", ""], rows)
+
+
 def any_table(results: Path, file: str) -> str:
     table = _read(results, file)
     return _table([str(c) for c in table.columns], [[_number(v) for v in row] for row in table.itertuples(index=False)])
@@ -202,6 +211,7 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "ensembles": ensemble_table,
     "published": published,
     "run_metrics": run_metric_table,
+    "status": status,
 }
 BLOCK_FILES = {
     "headline": "pooled.csv",

@@ -1,6 +1,8 @@
 """One summariser for every study: from its run folders to ``results/`` (CSV tables and ``summary.md``).
 
 Tables (``results/``):
+- ``status.csv``: per condition, the jobs its grid declares and how many finished (a condition with no complete
+  replicate is left out of the other tables, and said so here);
 - ``runs.csv``: each run, its condition, seed, split seed, fold, validation and test scores;
 - ``pooled.csv``: the headline, each endpoint per condition on pooled out-of-fold predictions (the mean over
   replicates of one score per replicate's pool), with a case-bootstrap interval;
@@ -68,8 +70,12 @@ class Pools:
                 r: pd.concat([x.predictions(part) for x in complete[r]]) for r in sorted(complete, key=_order)
             }
         empty = [c for c, t in tables.items() if not t]
-        if empty:
+        if study.baseline in empty or len(empty) == len(tables):
             raise StudyError(f"{study.name}: no complete replicate of {', '.join(empty)} under {study.runs}")
+        for condition in empty:  # reported as unfinished (status.csv), left out of every table
+            log.warning("%s: no complete replicate yet; left out of the summary", condition)
+            del tables[condition]
+        self.conditions = list(tables)
         first = next(iter(next(iter(tables.values())).values()))
         self.classes = [c[2:] for c in first.columns if c.startswith("p_")]
         common = set.intersection(*(set(t["path"]) for r in tables.values() for t in r.values()))
@@ -162,7 +168,7 @@ def ensembles(study: Study, runs: list[StudyRun], pools: Pools, resampler) -> tu
         jobs.setdefault((run.replicate, run.fold), {})[run.condition] = run
     rows, chosen_predictions, best = [], None, None
     for size in study.select.ensembles:
-        for members in itertools.combinations(study.conditions, size):
+        for members in itertools.combinations(pools.conditions, size):
             val_scores = []
             for job in jobs.values():
                 if all(m in job for m in members):
@@ -251,11 +257,20 @@ def summarise(study: Study) -> dict[str, pd.DataFrame]:
     """Every results table of the study, from its finished runs (see the module docstring)."""
     check_selection(study.select, f"{study.folder / 'study.yaml'}")
     runs = collect_runs(study)
-    for condition, missing in missing_jobs(study, runs).items():
-        if missing:
-            log.warning("%s: %d of %d jobs not finished", condition, missing, study.jobs_per_condition())
+    missing = missing_jobs(study, runs)
+    for condition, left in missing.items():
+        if left:
+            log.warning("%s: %d of %d jobs not finished", condition, left, study.jobs_per_condition())
     metrics = tuple(dict.fromkeys([*study.endpoints, study.select.metric]))
-    tables: dict[str, pd.DataFrame] = {}
+    tables: dict[str, pd.DataFrame] = {
+        "status": pd.DataFrame(
+            {
+                "condition": list(missing),
+                "jobs": study.jobs_per_condition(),
+                "finished": [study.jobs_per_condition() - left for left in missing.values()],
+            }
+        )
+    }
     with step(f"Study {study.name}: scores of {len(runs)} runs", log):
         tables["runs"] = pd.DataFrame([_per_run_scores(r, metrics) for r in runs]).sort_values(
             ["condition", "seed", "split_seed", "fold"], na_position="first"
@@ -265,7 +280,7 @@ def summarise(study: Study) -> dict[str, pd.DataFrame]:
         resampler = st.CaseResampler(pools.cases, boot["samples"], boot["seed"])
     with step(f"Study {study.name}: pooled endpoints and per-class recall ({boot['samples']} case resamples)", log):
         pooled, recall = [], []
-        for condition in study.conditions:
+        for condition in pools.conditions:
             probs = pools.probs[condition]
             count = sum(r.condition == condition for r in runs)
             pooled += _pooled_rows(condition, pools.true, probs, resampler, study, len(probs), count)
@@ -289,7 +304,7 @@ def summarise(study: Study) -> dict[str, pd.DataFrame]:
         validation[f"val/{study.select.metric}"] == validation[f"val/{study.select.metric}"].max()
     )
     tables["validation"] = validation
-    compared = {c: (pools.replicates[c], pools.probs[c]) for c in study.conditions}
+    compared = {c: (pools.replicates[c], pools.probs[c]) for c in pools.conditions}
     if study.select.per_fold:
         if not study.folds:
             raise StudyError(f"{study.folder / 'study.yaml'}: select.per_fold needs folds (nested cross-validation)")
@@ -367,6 +382,8 @@ def comparisons(study: Study, runs, pools: Pools, compared: dict, resampler) -> 
 def published(study: Study, pools: Pools) -> pd.DataFrame:
     rows = []
     for condition, numbers in study.published.items():
+        if condition not in pools.conditions:
+            continue
         for replicate, probs in zip(pools.replicates[condition], pools.probs[condition]):
             correct = int((probs.argmax(axis=1) == pools.true).sum())
             result = st.binomial_against(correct, len(pools.true), numbers["accuracy"], study.bootstrap["confidence"])
