@@ -8,7 +8,8 @@ images with the real validation images of the same split:
   penultimate layer: domain-relevant, no download; Inception's weights cannot be had offline);
 * k-NN precision (fidelity) and recall (diversity, mode collapse), Kynkäänniemi et al. 2019;
 * memorisation: each synthetic image's distance to its nearest training image against the
-  real-validation-to-train distances, in pixels and in features, with the closest pairs shown;
+  real-validation-to-train distances, in intensity-normalised pixels (``pixel_normalise``: brightness alone would
+  pair every dark fake with the darkest training image) and in features, with the closest pairs shown;
 * TSTR (train on synthetic, test on real) from a ``data.mix=synthetic`` run on the same split.
 
 Writes ``quality.md``, ``quality.json``, ``per_class_quality.csv``, ``reference_per_class.csv`` and
@@ -78,8 +79,20 @@ class FeatureSpace:
         return torch.cat(captured).double().numpy()
 
 
-def pixels(images: list[np.ndarray], size: int) -> np.ndarray:
-    return np.stack([cv2.resize(im, (size, size), interpolation=cv2.INTER_AREA).ravel() / 255.0 for im in images])
+PIXEL_SPACES = {True: "each image to zero mean and unit variance", False: "raw grey levels: brightness decides"}
+
+
+def pixels(images: list[np.ndarray], size: int, normalise: bool = True) -> np.ndarray:
+    """Images as pixel vectors at ``size`` x ``size``; with ``normalise`` each image to zero mean and unit variance.
+
+    Raw grey levels let brightness decide the nearest neighbour: a dark fake is "closest" to the darkest training
+    image whatever it shows, and a near-black training image becomes everyone's neighbour. Normalised, the
+    distance follows structure (it is a monotone function of the images' correlation)."""
+    vectors = np.stack([cv2.resize(im, (size, size), interpolation=cv2.INTER_AREA).ravel() / 255.0 for im in images])
+    if not normalise:
+        return vectors
+    centred = vectors - vectors.mean(axis=1, keepdims=True)
+    return centred / np.maximum(centred.std(axis=1, keepdims=True), 1e-6)
 
 
 def generator_split(info: dict):
@@ -180,8 +193,11 @@ def evaluate_quality(cfg: DictConfig) -> dict:
     per_class.to_csv(out / "per_class_quality.csv", index=False)
     reference.to_csv(out / "reference_per_class.csv", index=False)
 
-    px = {"train": pixels(train_images, cfg.pixel_size), "val": pixels(val_images, cfg.pixel_size)}
-    px["fake"] = pixels(fake_images, cfg.pixel_size)
+    normalise = cfg.get("pixel_normalise", True)
+    px = {
+        name: pixels(images, cfg.pixel_size, normalise)
+        for name, images in (("train", train_images), ("val", val_images), ("fake", fake_images))
+    }
     memo = {}
     for space_name, vectors in (("pixels", px), ("features", feats)):
         result = memorisation(vectors["train"], vectors["fake"], reference=vectors["val"], percentile=cfg.percentile)
@@ -209,7 +225,10 @@ def evaluate_quality(cfg: DictConfig) -> dict:
         "feature_space": {"classifier": str(checkpoint), "dims": int(feats["train"].shape[1])},
         "real": {"train_images": len(train_images), "val_images": len(val_images), "split": info.get("split")},
         "notes": notes,
-        "settings": {k: cfg[k] for k in ("repeats", "min_images", "knn_k", "percentile", "pixel_size", "seed")},
+        "settings": {
+            **{k: cfg[k] for k in ("repeats", "min_images", "knn_k", "percentile", "pixel_size", "seed")},
+            "pixel_normalise": bool(normalise),
+        },
         "seconds": round(time.perf_counter() - started, 1),
     }
     write_json(out / "quality.json", result)
@@ -248,7 +267,9 @@ def markdown(result: dict, per_class: pd.DataFrame, reference: pd.DataFrame) -> 
         "**Memorisation** (one threshold for all classes): fraction of synthetic images closer to a training "
         "image than the "
         f"{memo['pixels']['percentile']:.0f}th percentile of real-val-to-train distances (independent images: "
-        f"about {memo['pixels']['percentile'] / 100:.2f}): pixels {memo['pixels']['fraction_below']:.3f}, "
+        f"about {memo['pixels']['percentile'] / 100:.2f}): pixels "
+        f"({PIXEL_SPACES[bool(result['settings'].get('pixel_normalise'))]}) "
+        f"{memo['pixels']['fraction_below']:.3f}, "
         f"features {memo['features']['fraction_below']:.3f}. Closest pairs: `closest_pairs_pixels.png`, "
         "`closest_pairs_features.png`.",
         "",
