@@ -127,6 +127,7 @@ def test_synthetic_images_enter_only_the_training_part(small_root, generated, mi
         counts = real["label"].value_counts()
         for label, n in added["label"].value_counts().items():
             assert n == min(counts.get(label, 0), 4)
+            assert dm.synthetic["synthetic_share_per_class"][label] == pytest.approx(n / (n + counts[label]), abs=1e-4)
     if mix == "oversample":
         counts = train["label"].value_counts()
         largest = real["label"].value_counts().max()

@@ -152,6 +152,11 @@ def mix_synthetic(
         "mix": mix,
         "ratio": ratio if mix == "hybrid" else None,
         "added": {label: int(n) for label, n in chosen["class"].value_counts().sort_index().items()},
+        # the share each class's training images actually got: a folder with fewer images than a mix wants caps it
+        "synthetic_share_per_class": {
+            label: round(int(n) / (int(n) + (0 if mix == "synthetic" else real_counts.get(label, 0))), 4)
+            for label, n in chosen["class"].value_counts().sort_index().items()
+        },
         "synthetic_share": round(len(rows) / (len(rows) + (0 if mix == "synthetic" else int(real_train.sum()))), 4),
         "image_size": info.get("image_size"),
         "real_train_images": int(real_train.sum()) if mix != "synthetic" else 0,
