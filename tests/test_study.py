@@ -1,6 +1,7 @@
 """Declared studies: a tiny study runs through ``python -m fetalbrain.study`` and summarises itself (pooled metrics
-with case-bootstrap intervals inside [0, 1], a paired comparison, the README block); test ranking is refused; every
-study README's generated blocks match its results; the statistics agree with their textbook definitions."""
+with case-bootstrap intervals inside [0, 1], a paired comparison, the README block), and ``compare`` reads the same
+runs; test ranking is refused; every study README's generated blocks match its results; the statistics agree with
+their textbook definitions."""
 
 import json
 from pathlib import Path
@@ -10,12 +11,14 @@ import pandas as pd
 import pytest
 import yaml
 
+from fetalbrain.compare import compare
 from fetalbrain.studies import statistics as st
 from fetalbrain.studies.readme import blocks_in, stale_blocks, write_readme
 from fetalbrain.studies.spec import EXPERIMENTS_DIR, StudyError, load_study
 from tests.conftest import TINY, run_cli, train_config
 
-TINY_STUDY = [o for o in TINY if "limit_" not in o and "max_epochs" not in o] + [
+TINY_STUDY = [o for o in TINY if "limit_" not in o and "max_epochs" not in o and not o.startswith("logger=")] + [
+    "logger=wandb",  # offline: each job of an in-process multirun must be its own W&B run
     "trainer.max_epochs=1",
     "+trainer.limit_train_batches=1",
     "+trainer.limit_val_batches=1",
@@ -60,6 +63,8 @@ def test_tiny_study_runs_and_summarises(tmp_path):
     runs = sorted(p.parent for p in (folder / "runs").rglob("metrics.json"))
     assert [r.parent.name for r in runs] == ["cnn", "cnn", "separable", "separable"]  # 2 conditions x 2 folds
     assert all((r / "val_predictions.csv").is_file() for r in runs)
+    assert all(len(list((r / "wandb").glob("offline-run-*"))) == 1 for r in runs)
+    assert len({next((r / "wandb").glob("offline-run-*")).name.rsplit("-", 1)[-1] for r in runs}) == 4
 
     results = folder / "results"
     pooled = pd.read_csv(results / "pooled.csv")
@@ -107,6 +112,22 @@ def test_tiny_study_runs_and_summarises(tmp_path):
     assert stale_blocks(folder / "README.md", results) == []
     (folder / "README.md").write_text(readme.replace("| separable | cnn |", "| separable | CNN |"))
     assert stale_blocks(folder / "README.md", results) == ["comparisons"]  # a hand edit is caught
+
+    # the same runs through compare: one group per model, fold t-intervals, pooled predictions, W&B table
+    out = tmp_path / "comparison"
+    table = compare([folder / "runs"], out, wandb_mode="offline")
+    summary = pd.read_csv(out / "comparison.csv")
+    assert set(summary["group"]) == {"cnn · grouped", "separable · grouped"}
+    f1 = summary[summary["metric"] == "test/f1_macro"].set_index("group")
+    assert (f1["n"] == 2).all() and (f1["ci95_low"] <= f1["mean"]).all() and (f1["mean"] <= f1["ci95_high"]).all()
+    assert sorted(pd.read_csv(out / "runs.csv")["fold"]) == [0, 0, 1, 1]
+    compared = pd.read_csv(out / "pooled_out_of_fold.csv").set_index("group")
+    assert (compared["pooled_images"] == 16).all() and (compared["distinct_images"] == 16).all()
+    assert compared.loc["cnn · grouped", "pooled_accuracy"] == pytest.approx(accuracy, abs=1e-4)  # one definition
+    for name in ("comparison.md", "comparison.png", "per_class_recall.csv", "confusion_cnn_grouped.png"):
+        assert (out / name).is_file(), name
+    assert "cnn · grouped | 2 |" in table
+    assert list((out / "wandb").glob("offline-run-*"))
 
     # started again: every job is finished, nothing is launched; summarising alone rewrites the same numbers
     again = run_cli("study", str(study_file), "--dry-run")
