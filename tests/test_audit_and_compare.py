@@ -1,4 +1,4 @@
-"""The audit finds the dataset's leakage; compare refuses a folder without runs (a sweep compared: tests/test_study.py)."""
+"""The audit finds the dataset's leakage; compare refuses a folder without runs (sweeps: tests/test_study.py)."""
 
 import pandas as pd
 import pytest

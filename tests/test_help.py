@@ -57,12 +57,12 @@ def test_train_help_lists_the_real_choices_and_no_internal_files(capsys, monkeyp
 def test_python_m_fetalbrain_lists_the_commands():
     result = subprocess.run([sys.executable, "-m", "fetalbrain"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    for command in ("train", "evaluate", "predict", "app", "export", "generate", "audit", "compare", "card"):
+    for command in ("train", "evaluate", "predict", "app", "export", "generate", "audit", "compare", "study", "card"):
         assert re.search(rf"^\s+{command}\s+\S", result.stdout, re.M), command
     assert "Train one model" in result.stdout
 
 
-@pytest.mark.parametrize("command", ["audit", "compare", "card"])
+@pytest.mark.parametrize("command", ["audit", "compare", "card", "study"])
 def test_argparse_commands_help_with_examples_too(command, capsys):
     module = __import__(f"fetalbrain.{command}", fromlist=["main"])
     with pytest.raises(SystemExit) as exit_:
