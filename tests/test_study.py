@@ -99,6 +99,11 @@ def test_tiny_study_runs_and_summarises(tmp_path):
         ["nested selection", "cnn", "f1_macro", 2],
     ]
     assert np.isfinite(comparison["difference"]).all() and "p_holm" in comparison
+    status = pd.read_csv(results / "status.csv")
+    assert status.values.tolist() == [["cnn", 2, 2], ["separable", 2, 2]]
+    calibration = pd.read_csv(results / "calibration.csv").set_index("condition")
+    assert calibration.loc["cnn", "accuracy"] == pytest.approx(accuracy, abs=1e-4)
+    assert calibration[["mean_confidence", "ece"]].apply(lambda c: c.between(0, 1)).all().all()
     ensembles = pd.read_csv(results / "ensembles.csv")
     assert ensembles["members"].tolist() == ["cnn + separable"] and ensembles["chosen on validation"].all()
     assert len(pd.read_csv(results / "ensemble_predictions.csv")) == 16
@@ -146,6 +151,7 @@ def test_ranking_on_test_is_refused(tmp_path):
         ({"baseline": "xception"}, "baseline='xception' is not a condition"),
         ({"folds": 5, "split_seeds": None}, "needs split_seeds"),
         ({"colour": "red"}, "unknown key"),
+        ({"select": {"on": "val"}}, "select must be a mapping of"),  # YAML reads a bare `on` as true
     ]:
         with pytest.raises(StudyError, match=message):
             load_study(write_study(tmp_path / "s", **bad))

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
 
+from fetalbrain.evaluation.calibration import apply_temperature
 from fetalbrain.runs.layout import CONFIG_FILE, find_runs, read_summary
 from fetalbrain.studies.spec import Study, StudyError
 
@@ -41,10 +42,7 @@ class StudyRun:
         table = pd.read_csv(path)
         columns = [c for c in table.columns if c.startswith("p_")]
         if self.temperature != 1.0:
-            logits = np.log(np.clip(table[columns].to_numpy(float), 1e-12, None)) / self.temperature
-            logits -= logits.max(axis=1, keepdims=True)
-            probs = np.exp(logits)
-            table[columns] = probs / probs.sum(axis=1, keepdims=True)
+            table[columns] = apply_temperature(table[columns].to_numpy(float), self.temperature)
         if "case" not in table:
             raise StudyError(f"{path}: no case column (needed for case-level intervals); rerun with this version")
         return table

@@ -145,14 +145,21 @@ def nested(results: Path) -> str:
 def ensemble_table(results: Path) -> str:
     table = _read(results, "ensembles.csv")
     metric = next(c for c in table.columns if c.startswith("val/"))
-    tested = [c for c in table.columns if c.startswith("test/") and not c.endswith(("_ci_low", "_ci_high"))]
+    tested = [
+        c
+        for c in table.columns
+        if c.startswith("test/") and not c.endswith(("_ci_low", "_ci_high")) and f"{c}_ci_low" in table
+    ]
+    extra = [c for c in ("test/mean_confidence", "test/ece") if c in table]
     rows = [
         [r["members"], str(r["replicates"]), _number(r[metric]), "yes" if r["chosen on validation"] else ""]
         + [_with_interval(r[c], r[f"{c}_ci_low"], r[f"{c}_ci_high"]) for c in tested]
+        + [_number(r[c]) for c in extra]
         for _, r in table.iterrows()
     ]
     header = ["members", "replicates", f"validation {LABELS[metric[4:]]}", "chosen on validation"]
-    return _table(header + [f"test {LABELS[c[5:]]}" for c in tested], rows)
+    names = {"test/mean_confidence": "mean confidence", "test/ece": "ECE"}
+    return _table(header + [f"test {LABELS[c[5:]]}" for c in tested] + [names[c] for c in extra], rows)
 
 
 def published(results: Path) -> str:
@@ -188,6 +195,12 @@ def run_metric_table(results: Path) -> str:
     return _table(["run report metric: mean (min–max) over runs", *conditions], rows)
 
 
+def calibration(results: Path) -> str:
+    table = _read(results, "calibration.csv")
+    rows = [[r.condition, _number(r.accuracy), _number(r.mean_confidence), _number(r.ece)] for r in table.itertuples()]
+    return _table(["condition", "test accuracy", "mean confidence", "ECE (15 bins)"], rows)
+
+
 def status(results: Path) -> str:
     table = _read(results, "status.csv")
     rows = [
@@ -202,25 +215,18 @@ def any_table(results: Path, file: str) -> str:
     return _table([str(c) for c in table.columns], [[_number(v) for v in row] for row in table.itertuples(index=False)])
 
 
-BLOCKS: dict[str, Callable[[Path], str]] = {
-    "headline": headline,
-    "comparisons": comparisons,
-    "per_class": per_class,
-    "validation": validation,
-    "nested": nested,
-    "ensembles": ensemble_table,
-    "published": published,
-    "run_metrics": run_metric_table,
-    "status": status,
-}
-BLOCK_FILES = {
-    "headline": "pooled.csv",
-    "comparisons": "comparisons.csv",
-    "per_class": "per_class_recall.csv",
-    "validation": "validation.csv",
-    "nested": "nested.csv",
-    "ensembles": "ensembles.csv",
-    "published": "published.csv",
+# name -> (results file, title in summary.md, renderer), in the order summary.md shows them
+BLOCKS: dict[str, tuple[str, str, Callable[[Path], str]]] = {
+    "status": ("status.csv", "Jobs finished", status),
+    "headline": ("pooled.csv", "Pooled out-of-fold endpoints (case-bootstrap intervals)", headline),
+    "published": ("published.csv", "Against the published numbers", published),
+    "comparisons": ("comparisons.csv", "Paired comparisons against the baseline", comparisons),
+    "validation": ("validation.csv", "Validation (what is chosen on)", validation),
+    "nested": ("nested.csv", "Nested selection", nested),
+    "ensembles": ("ensembles.csv", "Ensembles", ensemble_table),
+    "calibration": ("calibration.csv", "Calibration (temperature-scaled, mean over replicates)", calibration),
+    "run_metrics": ("run_metrics.csv", "From each run's report", run_metric_table),
+    "per_class": ("per_class_recall.csv", "Recall per class (case-bootstrap intervals)", per_class),
 }
 
 
@@ -229,7 +235,7 @@ def render(name: str, results: Path) -> str:
         return any_table(results, name[len("table:") :])
     if name not in BLOCKS:
         raise ValueError(f"generated block {name!r} unknown: one of {', '.join(BLOCKS)} or table:FILE.csv")
-    return BLOCKS[name](results)
+    return BLOCKS[name][2](results)
 
 
 def blocks_in(readme: Path) -> list[str]:
@@ -264,16 +270,7 @@ def summary_markdown(name: str, results: Path) -> str:
         f"# Study {name}: results\n\nWritten by `python -m fetalbrain.study {name} --summarise`; "
         "README blocks are generated from the same files.\n"
     ]
-    titles = {
-        "headline": "Pooled out-of-fold endpoints (case-bootstrap intervals)",
-        "comparisons": "Paired comparisons against the baseline",
-        "validation": "Validation (what is chosen on)",
-        "nested": "Nested selection",
-        "ensembles": "Ensembles",
-        "published": "Against the published numbers",
-        "per_class": "Recall per class (case-bootstrap intervals)",
-    }
-    for block, file in BLOCK_FILES.items():
+    for file, title, renderer in BLOCKS.values():
         if (results / file).is_file():
-            parts.append(f"## {titles[block]}\n\n{render(block, results)}")
+            parts.append(f"## {title}\n\n{renderer(results)}")
     return "\n".join(parts)

@@ -152,9 +152,11 @@ def load_study(name: str | Path, runs_dir: str | Path | None = None) -> Study:
     split_seeds = _list(raw.get("split_seeds"), "split_seeds", path, int) or None
     if folds and not split_seeds:
         raise StudyError(f"{path}: folds={folds} needs split_seeds (one per repetition of the cross-validation)")
-    select = Selection(**(raw.get("select") or {})) if isinstance(raw.get("select") or {}, dict) else None
-    if select is None:
-        raise StudyError(f"{path}: select must be a mapping (part, metric, ensembles, per_fold)")
+    chosen = raw.get("select") or {}
+    known = set(Selection.__dataclass_fields__)
+    if not isinstance(chosen, dict) or set(map(str, chosen)) - known:
+        raise StudyError(f"{path}: select must be a mapping of {', '.join(sorted(known))}; got {chosen!r}")
+    select = Selection(**chosen)
     check_selection(select, str(path))
     published = raw.get("published") or {}
     for condition, numbers in published.items():

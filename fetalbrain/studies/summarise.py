@@ -10,6 +10,8 @@ Tables (``results/``):
 - ``comparisons.csv``: each condition against the baseline on the primary endpoint, paired (same folds, seeds and
   images): the pooled difference with its case-level paired bootstrap, the corrected resampled t-test over
   repeated cross-validation, Holm-adjusted p over the number of comparisons;
+- ``calibration.csv``: per condition, accuracy, mean top-class confidence and ECE of the temperature-scaled test
+  probabilities (mean over replicates; ensembles carry the same columns);
 - ``validation.csv``: each condition's validation score, what the study chooses on (``select``);
 - ``nested.csv`` with ``select.per_fold``: the condition each outer fold chose on its own validation part, and the
   pooled outer result of that choice (a row "nested selection" of ``pooled.csv``);
@@ -29,6 +31,7 @@ import logging
 import numpy as np
 import pandas as pd
 
+from fetalbrain.evaluation.calibration import expected_calibration_error
 from fetalbrain.progress import step
 from fetalbrain.runs.layout import read_summary
 from fetalbrain.studies import statistics as st
@@ -158,6 +161,15 @@ def _by_path(run: StudyRun, part: str) -> pd.DataFrame:
     return run.predictions(part).drop_duplicates("path").set_index("path")
 
 
+def calibration(true: np.ndarray, probs: np.ndarray, bins: int = 15) -> dict[str, float]:
+    """Mean over replicates of the mean top-class confidence and the ECE (``bins`` equal-width bins): an ensemble
+    of members that disagree is less confident than it is accurate."""
+    return {
+        "mean_confidence": float(np.mean([p.max(axis=1).mean() for p in probs])),
+        "ece": float(np.mean([expected_calibration_error(p, true, bins) for p in probs])),
+    }
+
+
 def ensembles(study: Study, runs: list[StudyRun], pools: Pools, resampler) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Every ensemble of ``select.ensembles`` sizes over the conditions, scored on validation (the choice) and on
     test (the report); the chosen one's test predictions."""
@@ -190,6 +202,7 @@ def ensembles(study: Study, runs: list[StudyRun], pools: Pools, resampler) -> tu
             }
             for m, (v, lo, hi) in test.items():
                 row.update({f"test/{m}": v, f"test/{m}_ci_low": lo, f"test/{m}_ci_high": hi})
+            row.update({f"test/{k}": v for k, v in calibration(pools.true, probs).items()})
             rows.append(row)
             if best is None or row[f"val/{metric}"] > best:
                 best, chosen_predictions = row[f"val/{metric}"], (members, shared, probs)
@@ -279,9 +292,16 @@ def summarise(study: Study) -> dict[str, pd.DataFrame]:
         boot = study.bootstrap
         resampler = st.CaseResampler(pools.cases, boot["samples"], boot["seed"])
     with step(f"Study {study.name}: pooled endpoints and per-class recall ({boot['samples']} case resamples)", log):
-        pooled, recall = [], []
+        pooled, recall, calibrated = [], [], []
         for condition in pools.conditions:
             probs = pools.probs[condition]
+            calibrated.append(
+                {
+                    "condition": condition,
+                    "accuracy": st.replicate_mean(pools.true, probs, None, ("accuracy",))["accuracy"],
+                    **calibration(pools.true, probs),
+                }
+            )
             count = sum(r.condition == condition for r in runs)
             pooled += _pooled_rows(condition, pools.true, probs, resampler, study, len(probs), count)
             values = st.recall_with_intervals(pools.true, probs, resampler, boot["confidence"])
@@ -316,6 +336,7 @@ def summarise(study: Study) -> dict[str, pd.DataFrame]:
                 )
                 compared[NESTED] = (nested_replicates, nested_probs)
     tables["pooled"] = pd.DataFrame(pooled)
+    tables["calibration"] = pd.DataFrame(calibrated)
     tables["per_class_recall"] = pd.DataFrame(recall)
     with step(f"Study {study.name}: paired comparisons against {study.baseline}", log):
         tables["comparisons"] = comparisons(study, runs, pools, compared, resampler)
