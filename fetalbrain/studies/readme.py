@@ -179,20 +179,22 @@ def published(results: Path) -> str:
     return _table(header, rows)
 
 
+def _range(row) -> str:
+    if not row["runs"]:
+        return "–"
+    if row["runs"] == 1:
+        return _number(row["mean"])
+    return f"{_number(row['mean'])} ({_number(row['min'])}–{_number(row['max'])})"
+
+
 def run_metric_table(results: Path) -> str:
     table = _read(results, "run_metrics.csv")
     conditions = list(dict.fromkeys(table["condition"]))
     rows = []
     for key, group in table.groupby("metric", sort=False):
         values = group.set_index("condition")
-        rows.append(
-            [f"`{key}`"]
-            + [
-                f"{_number(values.loc[c, 'mean'])} ({_number(values.loc[c, 'min'])}–{_number(values.loc[c, 'max'])})"
-                for c in conditions
-            ]
-        )
-    return _table(["run report metric: mean (min–max) over runs", *conditions], rows)
+        rows.append([f"`{key}`"] + [_range(values.loc[c]) for c in conditions])
+    return _table(["from each run's report: mean (min–max) over runs", *conditions], rows)
 
 
 def calibration(results: Path) -> str:
