@@ -8,7 +8,7 @@ WORKERS ?= 2
 TEST_ENV := HF_HUB_OFFLINE=1 WANDB_MODE=offline NO_ALBUMENTATIONS_UPDATE=1 GRADIO_ANALYTICS_ENABLED=False
 
 .DEFAULT_GOAL := help
-.PHONY: help install lock browser train test test-all sweep audit compare benchmark gui lint clean
+.PHONY: help install lock browser train test test-all sweep audit compare study benchmark gui lint clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-10s %s\n", $$1, $$2}'
@@ -59,6 +59,9 @@ audit: ## leakage and duplicate audit of the embedded dataset (report in outputs
 
 compare: ## compare runs: make compare RUNS=outputs/multirun/<date>/<time>
 	$(PY) -m fetalbrain.compare $(or $(RUNS),outputs) $(ARGS)
+
+study: ## run a declared study, then summarise it: make study NAME=reproduction [ARGS="--summarise"]
+	$(PY) -m fetalbrain.study $(or $(NAME),$(error NAME=<a folder of experiments/ with a study.yaml>)) $(ARGS)
 
 benchmark: ## speed and memory of every model and of the data pipeline (about a minute on 2 cores)
 	HF_HUB_OFFLINE=1 $(PY) -m fetalbrain.benchmark $(ARGS)
