@@ -27,12 +27,14 @@ Choices are made on validation only (``spec.check_selection``); test predictions
 
 import itertools
 import logging
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from fetalbrain.evaluation.calibration import expected_calibration_error
 from fetalbrain.progress import step
+from fetalbrain.project import PROJECT_ROOT
 from fetalbrain.runs.layout import read_summary
 from fetalbrain.studies import statistics as st
 from fetalbrain.studies.collect import StudyRun, collect_runs, missing_jobs
@@ -40,6 +42,12 @@ from fetalbrain.studies.spec import Study, StudyError, check_selection
 
 log = logging.getLogger(__name__)
 NESTED = "nested selection"
+
+
+def portable(path) -> str:
+    """A path as committed results may name it: relative to the project where it lies inside it."""
+    path = Path(path)
+    return str(path.relative_to(PROJECT_ROOT)) if path.is_relative_to(PROJECT_ROOT) else str(path)
 
 
 def _order(replicate: tuple) -> tuple:
@@ -109,7 +117,7 @@ def _per_run_scores(run: StudyRun, metrics) -> dict:
         "seed": run.seed,
         "split_seed": run.split_seed,
         "fold": run.fold,
-        "run": str(run.folder),
+        "run": portable(run.folder),
     }
     for part in ("val", "test"):
         table = run.predictions(part)
@@ -216,7 +224,7 @@ def ensembles(study: Study, runs: list[StudyRun], pools: Pools, resampler) -> tu
                 "members": " + ".join(members),
                 "seed": r[0],
                 "split_seed": r[1],
-                "path": pools.paths,
+                "path": [portable(path) for path in pools.paths],
                 "case": pools.cases,
                 "true": [pools.classes[t] for t in pools.true],
                 "predicted": [pools.classes[i] for i in p.argmax(axis=1)],
