@@ -5,7 +5,7 @@ A run belongs to the condition whose overrides it was started with (``.hydra/ove
 launched (``fetalbrain.study``, a hand-made multirun, a cluster); a run matching two conditions is an error.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from fetalbrain.evaluation.calibration import apply_temperature
 from fetalbrain.runs.layout import CONFIG_FILE, find_runs, read_summary
 from fetalbrain.studies.spec import Study, StudyError
+from fetalbrain.studies.statistics import scores
 
 PREDICTION_FILES = {"val": "val_predictions.csv", "test": "predictions.csv"}
 
@@ -27,15 +28,23 @@ class StudyRun:
     split_seed: int | None
     fold: int | None
     test_train_ratio: float  # n_test / n_train of its split (the t-test's correction)
-    temperature: float
+    metrics: dict  # its metrics.json metrics: the report's numbers, the temperature
+    _tables: dict = field(default_factory=dict, repr=False, compare=False)  # part -> predictions, read once
 
     @property
     def replicate(self) -> tuple:
         """Runs of one replicate together score every image once (one seed, one split seed, all folds)."""
         return (self.seed, self.split_seed)
 
+    @property
+    def temperature(self) -> float:
+        return float(self.metrics.get("calibration/temperature", 1.0) or 1.0)
+
     def predictions(self, part: str) -> pd.DataFrame:
-        """One row per image: path, true, case and the temperature-scaled class probabilities ``p_<class>``."""
+        """One row per image: path, true, case and the temperature-scaled class probabilities ``p_<class>``.
+        Read once per run and part; callers must not change it."""
+        if part in self._tables:
+            return self._tables[part]
         path = self.folder / PREDICTION_FILES[part]
         if not path.is_file():
             raise StudyError(f"{self.folder}: no {path.name} (runs from before studies kept validation predictions)")
@@ -45,7 +54,15 @@ class StudyRun:
             table[columns] = apply_temperature(table[columns].to_numpy(float), self.temperature)
         if "case" not in table:
             raise StudyError(f"{path}: no case column (needed for case-level intervals); rerun with this version")
+        self._tables[part] = table
         return table
+
+    def scores(self, part: str, metrics) -> dict[str, float]:
+        """The named metrics of this run's predictions of ``part`` (``statistics.scores``)."""
+        table = self.predictions(part)
+        classes = [c[2:] for c in table.columns if c.startswith("p_")]
+        true = table["true"].map({c: i for i, c in enumerate(classes)}).to_numpy()
+        return scores(true, table[[f"p_{c}" for c in classes]].to_numpy(float), metrics)
 
 
 def _overrides(run: Path) -> list[str]:
@@ -73,7 +90,7 @@ def collect_runs(study: Study) -> list[StudyRun]:
         condition = condition_of(study, _overrides(folder), folder)
         if condition is None:
             continue
-        config = OmegaConf.load(folder / CONFIG_FILE)
+        config, summary = OmegaConf.load(folder / CONFIG_FILE), read_summary(folder)
         data = config.data
         grouped = data.get("splitter") == "grouped"
         run = StudyRun(
@@ -82,8 +99,8 @@ def collect_runs(study: Study) -> list[StudyRun]:
             seed=int(config.seed),
             split_seed=int(data.split_seed) if grouped and study.folds else None,
             fold=int(data.fold) if grouped and study.folds else None,
-            test_train_ratio=_test_train_ratio(read_summary(folder)),
-            temperature=float(read_summary(folder)["metrics"].get("calibration/temperature", 1.0) or 1.0),
+            test_train_ratio=_test_train_ratio(summary),
+            metrics=summary["metrics"],
         )
         if run.seed not in study.seeds or (study.folds and (run.split_seed not in study.split_seeds)):
             continue  # a run of another grid in the same folder (an earlier seed list, say)

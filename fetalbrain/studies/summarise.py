@@ -35,7 +35,6 @@ import pandas as pd
 from fetalbrain.evaluation.calibration import expected_calibration_error
 from fetalbrain.progress import step
 from fetalbrain.project import PROJECT_ROOT
-from fetalbrain.runs.layout import read_summary
 from fetalbrain.studies import statistics as st
 from fetalbrain.studies.collect import StudyRun, collect_runs, missing_jobs
 from fetalbrain.studies.spec import Study, StudyError, check_selection
@@ -60,7 +59,6 @@ class Pools:
     replicates x images x classes, ``true`` and ``cases`` follow the same image order."""
 
     def __init__(self, study: Study, runs: list[StudyRun], part: str = "test"):
-        self.classes: list[str] = []
         tables: dict[str, dict[tuple, pd.DataFrame]] = {}
         folds = study.folds or 1
         for condition in study.conditions:
@@ -120,30 +118,18 @@ def _per_run_scores(run: StudyRun, metrics) -> dict:
         "run": portable(run.folder),
     }
     for part in ("val", "test"):
-        table = run.predictions(part)
-        classes = [c[2:] for c in table.columns if c.startswith("p_")]
-        true = table["true"].map({c: i for i, c in enumerate(classes)}).to_numpy()
-        probs = table[[f"p_{c}" for c in classes]].to_numpy(float)
-        row.update({f"{part}/{m}": v for m, v in st.scores(true, probs, metrics).items()})
+        row.update({f"{part}/{m}": v for m, v in run.scores(part, metrics).items()})
     return row
 
 
 def _fold_difference(runs_a: list[StudyRun], runs_b: list[StudyRun], metric: str) -> list[float]:
     """Per (replicate, fold) the test score difference a - b, on the fold's own test images."""
     b_by_job = {(r.replicate, r.fold): r for r in runs_b}
-    differences = []
-    for run in runs_a:
-        other = b_by_job.get((run.replicate, run.fold))
-        if other is None:
-            continue
-        pair = []
-        for r in (run, other):
-            table = r.predictions("test")
-            classes = [c[2:] for c in table.columns if c.startswith("p_")]
-            true = table["true"].map({c: i for i, c in enumerate(classes)}).to_numpy()
-            pair.append(st.scores(true, table[[f"p_{c}" for c in classes]].to_numpy(float), (metric,))[metric])
-        differences.append(pair[0] - pair[1])
-    return differences
+    return [
+        run.scores("test", (metric,))[metric] - b_by_job[(run.replicate, run.fold)].scores("test", (metric,))[metric]
+        for run in runs_a
+        if (run.replicate, run.fold) in b_by_job
+    ]
 
 
 def _pooled_rows(name: str, pools_true, probs, resampler, study: Study, replicates: int, runs: int) -> list[dict]:
@@ -245,7 +231,7 @@ def nested_selection(study: Study, runs: list[StudyRun], pools: Pools) -> tuple[
     for (replicate, fold), candidates in sorted(jobs.items(), key=lambda job: (_order(job[0][0]), job[0][1])):
         if len(candidates) < len(study.conditions):
             continue
-        val = {r.condition: _per_run_scores(r, (metric,))[f"val/{metric}"] for r in candidates}
+        val = {r.condition: r.scores("val", (metric,))[metric] for r in candidates}
         winner = max(val, key=lambda c: (val[c], c == study.baseline))
         rows.append(
             {
@@ -361,7 +347,7 @@ def summarise(study: Study) -> dict[str, pd.DataFrame]:
 def run_metrics(study: Study, runs: list[StudyRun]) -> pd.DataFrame:
     rows = []
     for condition in study.conditions:
-        summaries = [read_summary(r.folder)["metrics"] for r in runs if r.condition == condition]
+        summaries = [r.metrics for r in runs if r.condition == condition]
         for key in study.run_metrics:
             values = np.array([s[key] for s in summaries if isinstance(s.get(key), (int, float))], dtype=float)
             rows.append(
