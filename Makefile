@@ -46,10 +46,10 @@ train: ## train and test the default model on the embedded dataset (args: ARGS="
 	$(PY) -m fetalbrain.train $(ARGS)
 
 test: ## the fast test suite (offline; about 5 minutes on 2 cores: one worker per core, WORKERS=1 for one process)
-	$(TEST_ENV) $(PY) -m pytest -m "not slow" -q $(if $(filter-out 1,$(WORKERS)),-n $(WORKERS) --dist loadfile)
+	$(TEST_ENV) $(PY) -m pytest -m "not slow" -q $(if $(filter-out 1,$(WORKERS)),-n $(WORKERS) --dist loadfile --no-loadscope-reorder)
 
 test-all: ## every test, the slow ones too
-	$(TEST_ENV) $(PY) -m pytest -q $(if $(filter-out 1,$(WORKERS)),-n $(WORKERS) --dist loadfile)
+	$(TEST_ENV) $(PY) -m pytest -q $(if $(filter-out 1,$(WORKERS)),-n $(WORKERS) --dist loadfile --no-loadscope-reorder)
 
 sweep: ## example multirun: 2 models x 2 learning rates, 3 epochs each
 	$(PY) -m fetalbrain.train -m model=cnn,separable optimizer.lr=0.001,0.0003 trainer.max_epochs=3 $(ARGS)

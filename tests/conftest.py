@@ -55,6 +55,31 @@ TINY = [
 ]
 
 
+# The longest test files (`pytest --durations=0`, summed per file), longest first. `make test` hands whole files to
+# its two workers in collection order (--dist loadfile --no-loadscope-reorder): starting with the long ones lets
+# both workers finish together instead of one running a long file alone at the end.
+LONGEST_FILES_FIRST = [
+    "test_train.py",
+    "test_study.py",
+    "test_resume.py",
+    "test_benchmark.py",
+    "test_synthetic_data.py",
+    "test_launchers.py",
+    "test_optuna.py",
+    "test_inference.py",
+    "test_ensemble.py",
+    "test_harmonise.py",
+    "test_levers.py",
+    "test_ddp.py",
+]
+
+
+def pytest_collection_modifyitems(items):
+    """Longest files first (see LONGEST_FILES_FIRST); the order within a file and of the rest is kept."""
+    rank = {name: position for position, name in enumerate(LONGEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 def run_cli(module: str, *arguments: str, timeout: int = 900) -> subprocess.CompletedProcess:
     """Run ``python -m fetalbrain.<module> ...`` from the repository as a user would; fail on errors."""
     result = subprocess.run(
