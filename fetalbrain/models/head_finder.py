@@ -28,8 +28,10 @@ def build_head_net(encoder: str, weights: str | None, decoder_channels) -> torch
     import segmentation_models_pytorch as smp
 
     net = smp.Unet(encoder, encoder_weights=None, in_channels=1, classes=1, decoder_channels=tuple(decoder_channels))
+    net.pretrained_source = "none"  # the run summary's and model card's "pretrained weights"
     if weights:
         load_encoder_weights(net, encoder, weights)
+        net.pretrained_source = f"encoder: {weights}"
     return net
 
 
