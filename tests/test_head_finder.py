@@ -3,6 +3,7 @@ on held-out subjects per head-width bin; the split keeps subjects apart; a proba
 "not found" with its reason; bad images get a reason, never a crash."""
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -74,6 +75,27 @@ def test_a_finder_loaded_from_its_checkpoint_sees_what_the_run_saw(finder_run):
     assert np.allclose(loaded.probability(image), module.finder().probability(image), atol=1e-5)
     with pytest.raises(ValueError, match="not a head finder"):
         load_head_finder({"hyper_parameters": {"class_names": ["a"]}, "state_dict": {}})
+
+
+def test_a_slim_export_keeps_what_the_finder_sees_and_is_checked(finder_run, tmp_path):
+    from fetalbrain.export import export
+
+    run_dir, summary, objects = finder_run
+    best = Path(summary["run"]["best_checkpoint"])
+    slim = export(best, "slim", tmp_path / "head_finder.pt")
+    assert slim.stat().st_size < best.stat().st_size / 2  # float16 weights, no optimizer state
+    image = np.asarray(objects["datamodule"].datasets["test"].images[1])
+    assert np.allclose(load_head_finder(slim).probability(image), load_head_finder(best).probability(image), atol=2e-2)
+    assert (tmp_path / "head_finder.sha256").read_text().split()[1] == "head_finder.pt"
+    with pytest.raises(ValueError, match="not a head finder's checkpoint"):
+        from fetalbrain.models.head_finder import slim_checkpoint
+
+        slim_checkpoint(write_classifier_like(tmp_path / "other.ckpt"), tmp_path / "x.pt")
+
+
+def write_classifier_like(path: Path) -> Path:
+    torch.save({"hyper_parameters": {"class_names": ["a"]}, "state_dict": {}}, path)
+    return path
 
 
 def test_the_encoder_starts_from_the_packaged_imagenet_weights():

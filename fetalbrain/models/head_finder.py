@@ -342,10 +342,44 @@ def _plain(value):
     return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
 
 
-def load_head_finder(checkpoint) -> HeadFinder:
-    """A trained finder from its checkpoint (a run's, or the shipped one): the net, input size and settings."""
-    from fetalbrain.runs.checkpoints import read_checkpoint
+SHIPPED_FINDER = Path(__file__).parent / "weights" / "head_finder.pt"  # with head_finder.sha256 and .md (its card)
 
+
+def slim_checkpoint(checkpoint: Path, out: Path) -> str:
+    """A finder's weights (float16) and settings alone, without optimizer state or logs: what the project ships
+    (``python -m fetalbrain.export ckpt=RUN_CKPT format=slim``). Writes ``out`` and ``out.sha256``; returns the
+    SHA256."""
+    from fetalbrain.runs.checkpoints import read_checkpoint
+    from fetalbrain.runs.integrity import sha256_file
+
+    state = read_checkpoint(checkpoint)
+    hparams = dict(state.get("hyper_parameters") or {})
+    if "find" not in hparams or "net" not in hparams:
+        raise ValueError(f"ckpt={checkpoint}: not a head finder's checkpoint (format=slim is for model=head_finder)")
+    weights = {
+        k: v.half() if v.is_floating_point() else v for k, v in state["state_dict"].items() if k.startswith("net.")
+    }
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"hyper_parameters": hparams, "state_dict": weights, "epoch": state.get("epoch")}, out)
+    digest = sha256_file(out)
+    out.with_suffix(".sha256").write_text(f"{digest}  {out.name}\n")
+    return digest
+
+
+def load_head_finder(checkpoint=None) -> HeadFinder:
+    """A trained finder from its checkpoint (a run's, a slim one, or by default the shipped one, whose SHA256 is
+    checked): the net, input size and settings."""
+    from fetalbrain.runs.checkpoints import read_checkpoint
+    from fetalbrain.runs.integrity import sha256_file
+
+    if checkpoint is None:
+        if not SHIPPED_FINDER.is_file():
+            raise FileNotFoundError(f"{SHIPPED_FINDER}: no head finder ships with this copy of the project")
+        expected = SHIPPED_FINDER.with_suffix(".sha256").read_text().split()[0]
+        if sha256_file(SHIPPED_FINDER) != expected:
+            raise ValueError(f"{SHIPPED_FINDER}: its SHA256 differs from head_finder.sha256 (a damaged copy)")
+        checkpoint = SHIPPED_FINDER
     state = checkpoint if isinstance(checkpoint, dict) else read_checkpoint(checkpoint)
     hparams = dict(state.get("hyper_parameters") or {})
     if "find" not in hparams or "net" not in hparams:
