@@ -68,6 +68,7 @@ LONGEST_FILES_FIRST = [
     "test_optuna.py",
     "test_inference.py",
     "test_ensemble.py",
+    "test_head_finder.py",
     "test_harmonise.py",
     "test_levers.py",
     "test_ddp.py",
