@@ -64,7 +64,9 @@ def test_the_finder_trains_on_real_heads_and_reports_every_bin(finder_run):
     assert by_bin.set_index("bin").loc["all", "images"] == by_bin["images"].iloc[:-1].sum()
     assert (run_dir / "head_finder_examples.png").stat().st_size > 5_000
     card = json.loads((run_dir / "model_card.json").read_text())
-    assert card["task"] == "head_finding"
+    assert card["task"] == "head_finding" and len(card["head_finder_by_bin"]) == 6
+    card_text = (run_dir / "model_card.md").read_text()
+    assert "## Head finding on held-out subjects" in card_text and "| 0.35-0.45 |" in card_text
 
 
 def test_a_finder_loaded_from_its_checkpoint_sees_what_the_run_saw(finder_run):

@@ -247,17 +247,22 @@ def _limitations(task: str, data: dict, metrics: dict, config: dict | None = Non
     return items
 
 
-def _external_bins(run_dir: Path) -> list[dict] | None:
-    """The external check per bin (``external_normals_by_bin.csv``), when the run wrote it."""
+def _csv_records(run_dir: Path, name: str) -> list[dict] | None:
+    """A CSV the run wrote, as records (NaN as None); None when absent."""
     import pandas as pd
 
-    from fetalbrain.evaluation.external_normals import BINS_FILE
-
-    path = Path(run_dir) / BINS_FILE
+    path = Path(run_dir) / name
     if not path.is_file():
         return None
     table = pd.read_csv(path, dtype={"bin": str})
     return [{k: (None if pd.isna(v) else v) for k, v in row.items()} for row in table.to_dict("records")]
+
+
+def _external_bins(run_dir: Path) -> list[dict] | None:
+    """The external check per bin (``external_normals_by_bin.csv``), when the run wrote it."""
+    from fetalbrain.evaluation.external_normals import BINS_FILE
+
+    return _csv_records(run_dir, BINS_FILE)
 
 
 def _external_bins_table(rows: list[dict]) -> list[str]:
@@ -362,6 +367,7 @@ def build_card(run_dir: Path, folds: list[Path] | None = None) -> dict:
         }
         or None,
         "external_by_bin": _external_bins(run_dir),
+        "head_finder_by_bin": _csv_records(run_dir, "head_finder_by_bin.csv"),
         "training": {
             "epochs_trained": run.get("epochs_trained"),
             "max_epochs": run.get("max_epochs", trainer_cfg.get("max_epochs")),
@@ -618,6 +624,26 @@ def render_markdown(card: dict) -> str:
         lines += _table(["", "key", "value", "interval (bootstrap over subjects)"], rows)
     if card.get("external_by_bin"):
         lines += _external_bins_table(card["external_by_bin"])
+    if card.get("head_finder_by_bin"):
+        lines += ["## Head finding on held-out subjects", ""]
+        lines += [
+            "By bin of head width (a proxy of gestational age); errors in pixels of each image (the shipped HC18 copy: "
+            "256 px wide), over the heads found; Dice over every image.",
+            "",
+        ]
+        columns = {
+            "bin": "bin",
+            "images": "images",
+            "subjects": "subjects",
+            "found": "found",
+            "dice_mean": "Dice (mean)",
+            "centre_px_median": "centre error (median px)",
+            "semi_major_px_median": "semi-major error (median px)",
+            "circumference_px_median": "circumference error (median px)",
+            "circumference_rel_median": "circumference error (median, relative)",
+        }
+        rows = [[row.get(k) for k in columns] for row in card["head_finder_by_bin"]]
+        lines += _table(list(columns.values()), rows)
     if card.get("figures"):
         lines += ["## Figures", ""]
         for name in card["figures"]:
