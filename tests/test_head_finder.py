@@ -47,12 +47,12 @@ def finder_run(tmp_path_factory):
 def test_the_finder_trains_on_real_heads_and_reports_every_bin(finder_run):
     run_dir, summary, objects = finder_run
     assert summary["run"]["task"] == "head_finding" and summary["run"]["epochs_trained"] == 1
-    parts = summary["data"]["split"]["parts"]
-    assert sum(p["images"] for p in parts.values()) == 895
+    parts, subjects = summary["data"]["split"]["part_sizes"], summary["data"]["split"]["subjects"]
+    assert sum(parts.values()) == 895 and sum(subjects.values()) == 727
     metrics = summary["metrics"]
     assert 0 <= metrics["val/dice"] <= 1 and metrics["val/dice_best"] >= metrics["val/dice"] - 1e-6
     per_image = pd.read_csv(run_dir / TEST_FILE)
-    assert len(per_image) == parts["test"]["images"] == metrics["test/images"]
+    assert len(per_image) == parts["test"] == metrics["test/images"]
     assert per_image["dice"].between(0, 1).all() and per_image["reason"].fillna("").ne("").eq(~per_image["found"]).all()
     by_bin = pd.read_csv(run_dir / BINS_FILE, dtype={"bin": str})
     assert by_bin["bin"].tolist() == ["0-0.35", "0.35-0.45", "0.45-0.55", "0.55-0.65", "0.65-1", "all"]
@@ -157,3 +157,22 @@ def test_bad_images_get_a_reason_not_a_crash():
     result = finder(photo)
     assert isinstance(result.found, bool) and (result.found or result.reason)
     assert result.probability is None or result.probability.shape == (120, 160)
+
+
+def test_the_shipped_finder_finds_held_out_heads():
+    """The finder that ships (its SHA256 checked) on held-out subjects of its own split (split seed 0): found, and
+    its ellipse close to the drawn one. Its full report: experiments/head_finder/."""
+    from fetalbrain.data.head_outlines import ellipse_of
+    from fetalbrain.data.images import read_grayscale
+    from fetalbrain.evaluation.head_fit import dice
+
+    finder = load_head_finder()
+    table = read_heads(HEADS)
+    held_out = table[split_by_subject(table, 0.15, 0.2, seed=0, edges=EDGES) == "test"]
+    for row in held_out.sort_values("head_width_fraction").iloc[[0, 40, 90, 140, -1]].itertuples():
+        image = read_grayscale(row.path)
+        found = finder(image)
+        truth = ellipse_of(row)
+        assert found.found and found.confidence > 0.8, (row.file, found.reason)
+        assert dice(found.probability >= 0.5, ellipse_mask(truth, image.shape)) > 0.85, row.file
+        assert abs(found.ellipse.circumference - truth.circumference) / truth.circumference < 0.08, row.file

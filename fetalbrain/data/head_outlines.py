@@ -202,17 +202,17 @@ class HeadOutlinesDataModule(L.LightningDataModule):
         return {"image_size": self.hparams.image_size, "channels": 1, "mean": 0.5, "std": 0.25, "resize": "square"}
 
     def data_summary(self) -> dict:
-        table = self.table
-        parts = {
-            part: {
-                "images": int((table["part"] == part).sum()),
-                "subjects": int(table[table["part"] == part]["subject"].nunique()),
-            }
-            for part in PARTS
-        }
+        """The run summary's data part, in the classifier's keys where they mean the same (the model card reads
+        them): images per part, and subjects per part."""
+        table, hp = self.table, self.hparams
+        in_part = {part: table[table["part"] == part] for part in PARTS}
         return {
-            "root": str(self.hparams.root),
-            "split": {"by": "subject, within head-width bins", "seed": self.hparams.split_seed, "parts": parts},
-            "bins": list(self.hparams.bins),
-            "limitations": list(self.hparams.limitations),
+            "root": str(hp.root),
+            "split": {
+                "splitter": f"by subject, within head-width bins (split seed {hp.split_seed})",
+                "part_sizes": {part: len(rows) for part, rows in in_part.items()},
+                "subjects": {part: int(rows["subject"].nunique()) for part, rows in in_part.items()},
+            },
+            "bins": list(hp.bins),
+            "limitations": list(hp.limitations),
         }
