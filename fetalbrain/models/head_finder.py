@@ -304,8 +304,8 @@ EXAMPLES_FILE = "head_finder_examples.png"
 
 
 def examples_figure(images: list[np.ndarray], per_image: pd.DataFrame, path: Path, count: int = 8) -> Path:
-    """Held-out heads across the head-width range: the drawn ellipse (green) and the found one (red, with its
-    confidence), the worst Dice first among those shown."""
+    """Held-out heads evenly across the head-width range, smallest first: the drawn ellipse (green) and the found
+    one (red), each with its Dice and the finder's confidence or its reason for finding none."""
     import cv2
     import matplotlib.pyplot as plt
 
