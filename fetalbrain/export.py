@@ -1,4 +1,5 @@
-"""Export a trained classifier: ``python -m fetalbrain.export [ckpt=PATH] format=onnx|torchscript``.
+"""Export a trained classifier: ``python -m fetalbrain.export [ckpt=PATH] format=onnx|torchscript``; a head finder
+(``model=head_finder``) with ``format=slim``: its weights in float16 and settings, with a SHA256 file.
 
 The exported net takes a batch of preprocessed images (N x C x H x W, normalised) and returns
 logits. The model card (classes, preprocessing, evaluation results) is embedded: ONNX metadata
@@ -18,7 +19,7 @@ from fetalbrain.models.classifier import load_classifier
 from fetalbrain.runs.checkpoints import latest_checkpoint, read_checkpoint, run_directory
 from fetalbrain.runs.integrity import verify_checkpoint
 
-FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
+FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "slim": ".pt"}  # slim: a head finder's weights and settings
 # torch's dynamo exporter writes opset 18 or newer: it has no lower implementations, and its down-conversion
 # to 17 fails on our nets (the axes of Reduce*/Squeeze become inputs in 18 and cannot be turned back).
 MIN_ONNX_OPSET = 18
@@ -75,6 +76,13 @@ def export(
         raise ValueError(f"format={format!r}: choose one of {', '.join(FORMATS)}")
     if not checkpoint.is_file():
         raise FileNotFoundError(f"ckpt={checkpoint}: no such file")
+    if format == "slim":  # a head finder: weights and settings only (what the project ships)
+        from fetalbrain.models.head_finder import slim_checkpoint
+
+        out = out or run_directory(checkpoint) / "head_finder.pt"
+        verify_checkpoint(checkpoint, verify)
+        slim_checkpoint(checkpoint, out)
+        return out
     out = out or run_directory(checkpoint) / f"model{FORMATS[format]}"
     verify_checkpoint(checkpoint, verify)
     state = read_checkpoint(checkpoint)

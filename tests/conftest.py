@@ -50,7 +50,7 @@ TINY = [
     "logger=none",
     "callbacks=minimal",
     "evaluation.ood.enabled=false",  # the OOD detector's fit and test set: on in trained_checkpoint, tests/test_ood.py
-    "evaluation.external.enabled=false",  # 626 external normals: on in trained_checkpoint, tests/test_external_check.py
+    "evaluation.external.enabled=false",  # 895 external normals: on in trained_checkpoint, tests/test_external_check.py
     "evaluation.shortcut_check=false",  # a quarter of a tiny run: on in test_train's model families, test_evaluation
 ]
 
@@ -68,6 +68,7 @@ LONGEST_FILES_FIRST = [
     "test_optuna.py",
     "test_inference.py",
     "test_ensemble.py",
+    "test_head_finder.py",
     "test_harmonise.py",
     "test_levers.py",
     "test_ddp.py",

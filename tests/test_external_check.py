@@ -43,7 +43,7 @@ def test_external_check_is_in_metrics_json_with_its_files(run):
     recomputed from the per-image table the run wrote."""
     metrics, run_dir = run["metrics"], run["dir"]
     labels = pd.read_csv(SHIPPED / LABELS_CSV)
-    assert metrics["external/images"] == len(labels) == 626
+    assert metrics["external/images"] == len(labels) == 895
     assert metrics["external/subjects"] == labels["subject"].nunique()
     table = pd.read_csv(run_dir / CSV_FILE)
     assert len(table) == len(labels) and set(table["subject"]) == set(labels["subject"])
@@ -63,6 +63,61 @@ def test_external_check_is_in_metrics_json_with_its_files(run):
     assert (run_dir / FIGURE_FILE).stat().st_size > 10_000
     warned = any("may follow the acquisition source" in note for note in run["notes"])
     assert warned == (metrics["external/normal_specificity"] < 0.5)
+
+
+def test_the_external_check_reports_every_gestational_age_bin(run):
+    """Per bin of head width (the gestational-age proxy): every bin of conf/train.yaml in metrics.json, the bins
+    file and the model card, each rate recomputed from the per-image table with an interval over its subjects."""
+    from fetalbrain.evaluation.external_normals import BINS_FILE, bin_labels
+
+    metrics, run_dir = run["metrics"], run["dir"]
+    by = OmegaConf.load(CONF / "train.yaml").evaluation.external.by
+    labels = bin_labels(list(by.edges))
+    assert labels == ["0-0.35", "0.35-0.45", "0.45-0.55", "0.55-0.65", "0.65-1"]
+    table = pd.read_csv(run_dir / CSV_FILE, dtype={"bin": str})
+    binned = pd.read_csv(run_dir / BINS_FILE, dtype={"bin": str})
+    assert list(dict.fromkeys(binned["bin"])) == labels
+    assert set(binned["metric"]) == {"normal_specificity", "fraction_predicted_normal", "ood_flag_rate"}
+    assert table["bin"].notna().all() and sorted(set(table["bin"])) == sorted(labels)
+    for label in labels:
+        rows = table[table["bin"] == label]
+        low, high = (float(v) for v in label.split("-"))
+        assert rows["head_width_fraction"].between(low, high).all()
+        prefix = f"external/{by.key}_{label}/"
+        assert metrics[f"{prefix}images"] == len(rows) and metrics[f"{prefix}subjects"] == rows["subject"].nunique()
+        specificity = float(np.mean(rows["abnormal_score"] < metrics["screening/youden/threshold"]))
+        assert metrics[f"{prefix}normal_specificity"] == pytest.approx(specificity)
+        assert metrics[f"{prefix}ood_flag_rate"] == pytest.approx(float(rows["ood_flagged"].mean()))
+        for name in ("normal_specificity", "fraction_predicted_normal", "ood_flag_rate"):
+            assert (
+                0
+                <= metrics[f"{prefix}{name}_ci_low"]
+                <= metrics[f"{prefix}{name}"]
+                <= metrics[f"{prefix}{name}_ci_high"]
+                <= 1
+            )
+    assert sum(metrics[f"external/{by.key}_{label}/images"] for label in labels) == metrics["external/images"]
+    card = (run_dir / "model_card.md").read_text()
+    assert "By bin of the heads' size in the frame" in card
+    for label in labels:
+        assert f"| {label} | {metrics[f'external/{by.key}_{label}/images']:,.0f} |" in card
+
+
+def test_bins_need_a_numeric_column_and_rising_edges(tmp_path):
+    from fetalbrain.evaluation.external_normals import assign_bins, check_options
+
+    table = pd.DataFrame({"file": ["a.jpg", "b.jpg", "c.jpg"], "head_width_fraction": ["0.3", "", "0.95"]})
+    by = external_options().by
+    bins, reason = assign_bins(table, by)
+    assert reason is None and bins.astype(object).fillna("none").tolist() == ["0-0.35", "none", "0.65-1"]
+    bins, reason = assign_bins(table.assign(head_width_fraction=["0.3", "wide", "0.2"]), by)
+    assert bins is None and "head_width_fraction of b.jpg is not a number" in reason
+    assert "no head_width_fraction column" in assign_bins(table.drop(columns="head_width_fraction"), by)[1]
+    with pytest.raises(ValueError, match=r"evaluation.external.by.edges=\[0.5, 0.2\]: must increase"):
+        check_options(external_options(by={"edges": [0.5, 0.2]}))
+    with pytest.raises(ValueError, match="evaluation.external.by.column"):
+        check_options(external_options(by={"column": ""}))
+    check_options(external_options(by=None))
 
 
 def test_external_scores_are_the_predictors(run, trained_checkpoint):
@@ -196,10 +251,59 @@ def test_labelled_folder_errors_name_the_file(tmp_path):
 
 def test_the_shipped_copy():
     table = read_labelled_folder(SHIPPED, "normal")
-    assert len(table) == 626 and table["subject"].nunique() == 506
+    assert len(table) == 895 and table["subject"].nunique() == 727
+    subjects = table["subject"].astype(int)
+    assert set(range(0, 79)) <= set(subjects)  # every early-pregnancy subject (000-078)
+    assert subjects.min() == 0 and subjects.max() == 805 and not subjects.between(79, 157).any()
+    head = table["head_width_fraction"].astype(float)  # from the drawn outlines: every image has its head
+    assert head.between(0.15, 0.9).all() and head[subjects < 79].median() < 0.4 < head[subjects >= 300].median()
     with Image.open(table["path"][0]) as image:
         assert image.mode == "L" and max(image.size) == 256 and image.size[0] != image.size[1]
     provenance = (SHIPPED / "PROVENANCE.md").read_text()
     for attribution in ("CC BY 4.0", "10.5281/zenodo.1327317", "van den Heuvel", "Radboud University Medical"):
         assert attribution in provenance
-    assert sum(p.stat().st_size for p in SHIPPED.rglob("*") if p.is_file()) < 6.5e6
+    assert sum(p.stat().st_size for p in SHIPPED.rglob("*") if p.is_file()) < 9.5e6
+
+
+def test_compact_merges_folders_and_fits_each_heads_outline(tmp_path):
+    """Two labelled folders into one copy; with --outlines, each image's ellipse fitted to its drawn outline (as
+    HC18's annotations), in the copy's pixels; an image without an outline is refused before anything is written."""
+    import cv2
+
+    first = make_labelled_folder(tmp_path / "first")
+    second = make_labelled_folder(tmp_path / "second", shapes=((400, 270),))
+    (second / "images" / "300_1HC.jpg").rename(second / "images" / "900_HC.jpg")
+    (second / LABELS_CSV).write_text("file,subject,frame,label\n900_HC.jpg,900,1,normal\n")
+    outlines = tmp_path / "outlines"
+    (outlines / "annotations").mkdir(parents=True)
+    (outlines / "PROVENANCE.md").write_text("# Outlines\n\nDrawn by sonographers. CC BY 4.0.\n")
+    rows = []
+    for name in ["300_1HC.jpg", "300_2HC.jpg", "301_1HC.jpg", "900_HC.jpg"]:
+        outline = np.zeros((540, 800), np.uint8)  # the annotations are twice the images' size
+        cv2.ellipse(outline, (400, 270), (200, 120), 30, 0, 360, 255, 2)
+        cv2.imwrite(str(outlines / "annotations" / name.replace(".jpg", "_Annotation.png")), outline)
+        rows.append({"annotation": name.replace(".jpg", "_Annotation.png"), "image": name})
+    pd.DataFrame(rows).to_csv(outlines / "annotations.csv", index=False)
+
+    dst = tmp_path / "dst"
+    compact_main([str(first), str(second), str(dst), "--size", "200", "--outlines", str(outlines)])
+    copied = read_labelled_folder(dst, "normal")
+    assert list(copied["file"]) == ["300_1HC.jpg", "300_2HC.jpg", "301_1HC.jpg", "900_HC.jpg"]
+    head = copied.iloc[0]  # 400x270 -> 200x135: the 800x540 outline scaled by a quarter
+    assert float(head["head_cx"]) == pytest.approx(99.625, abs=0.2) and float(head["head_cy"]) == pytest.approx(
+        67.125, abs=0.2
+    )
+    assert float(head["head_semi_major"]) == pytest.approx(50, abs=0.2)
+    assert float(head["head_semi_minor"]) == pytest.approx(30, abs=0.2)
+    assert float(head["head_angle"]) == pytest.approx(30, abs=0.5)
+    assert 0.4 < float(head["head_width_fraction"]) < 0.5  # 2 * sqrt(50² cos² 30° + 30² sin² 30°) / 200
+    provenance = (dst / "PROVENANCE.md").read_text()
+    assert "Drawn by sonographers" in provenance and provenance.count("Licence: CC BY 4.0.") == 2
+    assert "4 images of 3 subjects" in provenance
+
+    (outlines / "annotations" / "900_HC_Annotation.png").unlink()
+    with pytest.raises(FileNotFoundError, match="900_HC.jpg: no outline"):
+        compact_main([str(first), str(second), str(tmp_path / "again"), "--outlines", str(outlines)])
+    assert not (tmp_path / "again").exists()
+    with pytest.raises(ValueError, match="300_1HC.jpg: listed by more than one source folder"):
+        compact_main([str(first), str(first), str(tmp_path / "twice")])

@@ -146,7 +146,8 @@ IMAGES_DIR = "images"
 # ---- the folder ------------------------------------------------------------------------------------------------
 def read_labelled_folder(root: str | Path, label: str | None = None) -> pd.DataFrame:
     """The images listed in ``<root>/labels.csv`` (under ``<root>/images/``): columns path, file, subject, frame,
-    label. With ``label``, only the rows of that label (every row when the CSV has no label column).
+    label, then any further columns of the CSV as text (e.g. the head ellipses of ``fetalbrain.data.compact
+    --outlines``). With ``label``, only the rows of that label (every row when the CSV has no label column).
 
     Errors name the file and the row: a missing CSV or column, an empty subject, a listed file not on disk."""
     root = Path(root).expanduser()
@@ -176,7 +177,8 @@ def read_labelled_folder(root: str | Path, label: str | None = None) -> pd.DataF
         if table.empty:
             raise DatasetError(f"{csv}: no image labelled {label!r} (evaluation.external.label)")
     table = table.assign(path=[str(root / IMAGES_DIR / f) for f in table["file"]])
-    return table[["path", "file", "subject", "frame", "label"]].reset_index(drop=True)
+    extra = [c for c in table.columns if c not in ("path", "file", "subject", "frame", "label")]
+    return table[["path", "file", "subject", "frame", "label", *extra]].reset_index(drop=True)
 
 
 REQUIRED_COLUMNS = ("file", "subject")  # frame and label are optional

@@ -12,8 +12,12 @@ of ``evaluation.external.rule`` and ``normal_specificity_<rule>`` at each of the
 abnormal score 1 - p(normal), the scale the thresholds were chosen on), ``fraction_predicted_normal`` (argmax),
 each with ``_ci_low``/``_ci_high`` from a bootstrap over subjects (frames of one examination are not
 independent); ``ood_flag_rate`` when the run has an OOD detector; ``images`` and ``subjects``; and for
-comparison the same numbers on the run's in-distribution test normals (``test_normal_...``). Files:
-``external_normals.csv`` (one row per image) and ``external_normals.png`` (the abnormal-score histograms).
+comparison the same numbers on the run's in-distribution test normals (``test_normal_...``). With
+``evaluation.external.by`` (a column of ``labels.csv`` and bin edges: the shipped set's head width, a proxy of
+gestational age), the same rates per bin with intervals over the bin's subjects
+(``external/<by.key>_<bin>/...``): a check that holds on later pregnancies may fail on early ones. Files:
+``external_normals.csv`` (one row per image), ``external_normals_by_bin.csv`` and ``external_normals.png`` (the
+abnormal-score histograms).
 
 The folder's layout (``labels.csv`` with ``file``, ``subject`` and optionally ``frame`` and ``label`` columns,
 images under ``images/``) is read by ``read_labelled_folder``; ``fetalbrain.data.compact`` makes such copies.
@@ -38,6 +42,7 @@ FIGURE_FILE = "external_normals.png"
 PREFIX = "external/"
 SPECIFICITY = f"{PREFIX}normal_specificity"
 FRACTION_NORMAL = f"{PREFIX}fraction_predicted_normal"
+OOD_FLAG_RATE = f"{PREFIX}ood_flag_rate"
 TEST_PREFIX = f"{PREFIX}test_"  # the in-distribution test normals, for comparison
 DEFAULT_WARN_BELOW = 0.5  # evaluation.external.warn_below's default, for a run whose config is not at hand
 
@@ -60,6 +65,16 @@ def check_options(options, rules: list[str] | None = None) -> None:
         raise ValueError(f"evaluation.external.warn_below={warn!r}: a fraction between 0 and 1")
     if not isinstance(options.get("histogram_bins"), int) or options.histogram_bins < 2:
         raise ValueError(f"evaluation.external.histogram_bins={options.get('histogram_bins')!r}: a whole number >= 2")
+    by = options.get("by")
+    if by is not None:
+        for key in ("column", "key", "name"):
+            if not isinstance(by.get(key), str) or not by.get(key):
+                raise ValueError(f"evaluation.external.by.{key}={by.get(key)!r}: a non-empty string")
+        edges = list(by.get("edges") or [])
+        if len(edges) < 2 or any(not isinstance(e, (int, float)) or isinstance(e, bool) for e in edges):
+            raise ValueError(f"evaluation.external.by.edges={edges!r}: at least two numbers (the bins' edges)")
+        if any(b <= a for a, b in zip(edges, edges[1:])):
+            raise ValueError(f"evaluation.external.by.edges={edges!r}: must increase")
 
 
 # ---- the figure ------------------------------------------------------------------------------------------------
@@ -112,6 +127,71 @@ def external_figure(
     ax.set_title(f"{name}: normal heads from another hospital, never trained on, against the test part", fontsize=9)
     ax.legend(fontsize=7, loc="upper center")
     return plots._save(fig, path)
+
+
+# ---- by bin (gestational age) -------------------------------------------------------------------------------
+BINS_FILE = "external_normals_by_bin.csv"
+
+
+def bin_labels(edges: list[float]) -> list[str]:
+    """``0.35-0.45`` style names of the bins (low, high] between ``edges`` (the first one includes its low)."""
+    return [f"{low:g}-{high:g}" for low, high in zip(edges, edges[1:])]
+
+
+def assign_bins(table: pd.DataFrame, by) -> tuple[pd.Series | None, str | None]:
+    """Each image's bin of ``by.column`` (NaN outside the edges or without a value), or (None, the reason)."""
+    if by.column not in table.columns:
+        return None, f"labels.csv has no {by.column} column, so no check by {by.name}"
+    values = pd.to_numeric(table[by.column].replace("", np.nan), errors="coerce")
+    bad = table["file"][values.isna() & (table[by.column] != "")].tolist()
+    if bad:
+        return None, f"{by.column} of {bad[0]} is not a number, so no check by {by.name}"
+    edges = list(by.edges)
+    return pd.cut(values, edges, labels=bin_labels(edges), include_lowest=True), None
+
+
+def by_bin(indicators: dict[str, np.ndarray], subjects: np.ndarray, bins: pd.Series, by, boot) -> pd.DataFrame:
+    """Every bin's images, subjects and each indicator's rate with a bootstrap interval over the bin's subjects
+    (``metric`` is the indicator's name without ``external/``). A bin without images has a row of its own."""
+    rows = []
+    for label in bins.cat.categories:
+        inside = (bins == label).to_numpy()
+        low, high = label.split("-")
+        base = {"bin": label, "low": float(low), "high": float(high), "images": int(inside.sum())}
+        base["subjects"] = int(len(set(subjects[inside])))
+        if not inside.any():
+            rows += [{**base, "metric": name.removeprefix(PREFIX)} for name in indicators]
+            continue
+        part = {name: values[inside] for name, values in indicators.items()}
+        intervals = subject_bootstrap(part, subjects[inside], boot.samples, boot.seed, boot.confidence)
+        for name, values in part.items():
+            interval = intervals.get(name) or (None, None)
+            rows.append(
+                {
+                    **base,
+                    "metric": name.removeprefix(PREFIX),
+                    "value": float(np.mean(values)),
+                    "ci_low": interval[0],
+                    "ci_high": interval[1],
+                }
+            )
+    return pd.DataFrame(
+        rows, columns=["bin", "low", "high", "images", "subjects", "metric", "value", "ci_low", "ci_high"]
+    )
+
+
+def bin_metrics(table: pd.DataFrame, key: str) -> dict[str, float]:
+    """The per-bin rows as report metrics: ``external/<key>_<bin>/<metric>`` (+ ``_ci_low``/``_ci_high``), and
+    each bin's ``images`` and ``subjects``."""
+    metrics = {}
+    for row in table.itertuples():
+        prefix = f"{PREFIX}{key}_{row.bin}/"
+        metrics[f"{prefix}images"], metrics[f"{prefix}subjects"] = float(row.images), float(row.subjects)
+        if pd.notna(row.value):
+            metrics[f"{prefix}{row.metric}"] = row.value
+        if pd.notna(row.ci_low) and pd.notna(row.ci_high):
+            metrics[f"{prefix}{row.metric}_ci_low"], metrics[f"{prefix}{row.metric}_ci_high"] = row.ci_low, row.ci_high
+    return metrics
 
 
 # ---- the training report's part ---------------------------------------------------------------------------------
@@ -198,7 +278,7 @@ def external_report(
             detector = OODDetector.load(detector_file, feature_dim=features.shape[1])
             ood_scores = detector.score(features)
             flagged = detector.flag(ood_scores)
-            indicators[f"{PREFIX}ood_flag_rate"] = flagged
+            indicators[OOD_FLAG_RATE] = flagged
         except (OODDetectorError, ValueError) as error:
             notes.append(f"external normal check: no OOD flags ({error})")
     metrics.update({name: float(np.mean(values)) for name, values in indicators.items()})
@@ -209,6 +289,22 @@ def external_report(
         metrics[f"{name}_ci_low"], metrics[f"{name}_ci_high"] = low, high
     if not len(test_normal):
         notes.append("external normal check: the test part holds no normal image to compare with")
+    bins, by = None, options.get("by")
+    if by is not None:
+        bins, reason = assign_bins(table, by)
+        if reason:
+            notes.append(f"external normal check: {reason}")
+        else:
+            headline = {n: indicators[n] for n in (SPECIFICITY, FRACTION_NORMAL, OOD_FLAG_RATE) if n in indicators}
+            binned = by_bin(headline, subjects, bins, by, boot)
+            binned.to_csv(run_dir / BINS_FILE, index=False)
+            metrics.update(bin_metrics(binned, by.key))
+            outside = int(bins.isna().sum())
+            if outside:
+                notes.append(
+                    f"external normal check: {outside} image(s) outside the bins of {by.name} "
+                    f"({by.edges[0]:g} to {by.edges[-1]:g}) or without a value: in the totals, in no bin"
+                )
 
     columns = {
         "file": table["file"],
@@ -217,6 +313,9 @@ def external_report(
         "abnormal_score": score,
         "predicted": [class_names[p] for p in predicted],
     }
+    if bins is not None:
+        columns[by.column] = pd.to_numeric(table[by.column].replace("", np.nan), errors="coerce")
+        columns["bin"] = bins.astype(object).fillna("")
     columns |= {f"called_abnormal_{rule}": score >= t for rule, t in thresholds.items()}
     if flagged is not None:
         columns |= {"ood_score": ood_scores, "ood_flagged": flagged}

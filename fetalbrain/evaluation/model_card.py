@@ -247,6 +247,45 @@ def _limitations(task: str, data: dict, metrics: dict, config: dict | None = Non
     return items
 
 
+def _csv_records(run_dir: Path, name: str) -> list[dict] | None:
+    """A CSV the run wrote, as records (NaN as None); None when absent."""
+    import pandas as pd
+
+    path = Path(run_dir) / name
+    if not path.is_file():
+        return None
+    table = pd.read_csv(path, dtype={"bin": str})
+    return [{k: (None if pd.isna(v) else v) for k, v in row.items()} for row in table.to_dict("records")]
+
+
+def _external_bins(run_dir: Path) -> list[dict] | None:
+    """The external check per bin (``external_normals_by_bin.csv``), when the run wrote it."""
+    from fetalbrain.evaluation.external_normals import BINS_FILE
+
+    return _csv_records(run_dir, BINS_FILE)
+
+
+def _external_bins_table(rows: list[dict]) -> list[str]:
+    """One row per bin: images, subjects, and each rate with its interval over the bin's subjects."""
+    metrics = list(dict.fromkeys(r["metric"] for r in rows))
+    bins: dict[str, dict] = {}
+    for row in rows:
+        entry = bins.setdefault(row["bin"], {"images": row["images"], "subjects": row["subjects"]})
+        value, low, high = row.get("value"), row.get("ci_low"), row.get("ci_high")
+        text = "—" if value is None else f"{value:.2f}"
+        if value is not None and low is not None and high is not None:
+            text += f" [{low:.2f}, {high:.2f}]"
+        entry[row["metric"]] = text
+    lines = ["By bin of the heads' size in the frame (a proxy of gestational age: small heads, early pregnancies):", ""]
+    names = {
+        "normal_specificity": "called normal (screening threshold)",
+        "fraction_predicted_normal": "predicted normal (argmax)",
+        "ood_flag_rate": "flagged by the OOD detector",
+    }
+    header = ["bin", "images", "subjects", *[names.get(m, m) for m in metrics]]
+    return lines + _table(header, [[b, e["images"], e["subjects"], *[e[m] for m in metrics]] for b, e in bins.items()])
+
+
 def _dataset(root, role: str, name: str | None = None) -> dict:
     """A dataset known by its folder's name; else named, marked as a local folder: no identifier, licence unknown."""
     folder = Path(str(root)).name if root else None
@@ -327,6 +366,8 @@ def build_card(run_dir: Path, folds: list[Path] | None = None) -> dict:
             k: metrics[k] for k in sorted(metrics) if k.removesuffix("_ci_low").removesuffix("_ci_high") in EXTERNAL
         }
         or None,
+        "external_by_bin": _external_bins(run_dir),
+        "head_finder_by_bin": _csv_records(run_dir, "head_finder_by_bin.csv"),
         "training": {
             "epochs_trained": run.get("epochs_trained"),
             "max_epochs": run.get("max_epochs", trainer_cfg.get("max_epochs")),
@@ -581,6 +622,28 @@ def render_markdown(card: dict) -> str:
                 interval = f"[{_fmt(low)}, {_fmt(high)}]" if low is not None and high is not None else "—"
                 rows.append([label, f"`{key}`", ext[key], interval])
         lines += _table(["", "key", "value", "interval (bootstrap over subjects)"], rows)
+    if card.get("external_by_bin"):
+        lines += _external_bins_table(card["external_by_bin"])
+    if card.get("head_finder_by_bin"):
+        lines += ["## Head finding on held-out subjects", ""]
+        lines += [
+            "By bin of head width (a proxy of gestational age); errors in pixels of each image (the shipped HC18 copy: "
+            "256 px wide), over the heads found; Dice over every image.",
+            "",
+        ]
+        columns = {
+            "bin": "bin",
+            "images": "images",
+            "subjects": "subjects",
+            "found": "found",
+            "dice_mean": "Dice (mean)",
+            "centre_px_median": "centre error (median px)",
+            "semi_major_px_median": "semi-major error (median px)",
+            "circumference_px_median": "circumference error (median px)",
+            "circumference_rel_median": "circumference error (median, relative)",
+        }
+        rows = [[row.get(k) for k in columns] for row in card["head_finder_by_bin"]]
+        lines += _table(list(columns.values()), rows)
     if card.get("figures"):
         lines += ["## Figures", ""]
         for name in card["figures"]:

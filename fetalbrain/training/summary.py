@@ -16,7 +16,7 @@ def run_summary(cfg: DictConfig, model, trainer, datamodule, metrics: dict, note
         "run": {
             "task": model.task,
             "model": cfg.model.get("name"),
-            "net": (net.get("name", net.get("_target_")) if net else cfg.model.get("_target_")),
+            "net": (net.get("name", net.get("_target_", net.get("encoder"))) if net else cfg.model.get("_target_")),
             "pretrained_source": getattr(getattr(model, "net", None), "pretrained_source", "none"),
             "parameters": sum(p.numel() for p in model.parameters()),
             "image_size": cfg.data.image_size,
