@@ -222,14 +222,17 @@ def ensembles(study: Study, runs: list[StudyRun], pools: Pools, resampler) -> tu
 
 def nested_selection(study: Study, runs: list[StudyRun], pools: Pools) -> tuple[pd.DataFrame, list, np.ndarray]:
     """Per (replicate, outer fold): the condition best on that job's validation part (inner, from its training
-    data), and the pooled test predictions of the chosen runs: the outer result of the selection procedure."""
+    data), and the pooled test predictions of the chosen runs: the outer result of the selection procedure.
+    Among the conditions with finished runs (a condition not run at all, e.g. cut for time, is no candidate: the
+    status table shows it); a job lacking one of them is left out."""
     metric = study.select.metric
+    ran = {run.condition for run in runs}
     jobs: dict[tuple, list[StudyRun]] = {}
     for run in runs:
         jobs.setdefault((run.replicate, run.fold), []).append(run)
     rows, chosen_tables = [], {}
     for (replicate, fold), candidates in sorted(jobs.items(), key=lambda job: (_order(job[0][0]), job[0][1])):
-        if len(candidates) < len(study.conditions):
+        if len(candidates) < len(ran) or len(ran) < 2:
             continue
         val = {r.condition: r.scores("val", (metric,))[metric] for r in candidates}
         winner = max(val, key=lambda c: (val[c], c == study.baseline))
@@ -254,7 +257,7 @@ def nested_selection(study: Study, runs: list[StudyRun], pools: Pools) -> tuple[
         for r in complete
     ]
     return (
-        pd.DataFrame(rows),
+        pd.DataFrame(rows, columns=["seed", "split_seed", "fold", "chosen", f"val/{metric}"]),
         complete,
         np.stack(probs) if probs else np.empty((0, len(pools.paths), len(pools.classes))),
     )
