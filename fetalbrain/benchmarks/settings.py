@@ -3,7 +3,7 @@ of each, the torch backends, and plain values for the results."""
 
 import torch
 from hydra import compose
-from omegaconf import Container, DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
 
 def train_config(bench: DictConfig, model: str, image_size: int) -> DictConfig:
@@ -40,8 +40,3 @@ def model_sizes(bench: DictConfig) -> list[tuple[str, int]]:
 def configure_backends(bench: DictConfig) -> None:
     if bench.cudnn_benchmark is not None:
         torch.backends.cudnn.benchmark = bool(bench.cudnn_benchmark)
-
-
-def plain(value):
-    """A config value as plain Python (lists, dicts), for the JSON results and the jobs' spec files."""
-    return OmegaConf.to_container(value, resolve=True) if isinstance(value, Container) else value

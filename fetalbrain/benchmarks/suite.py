@@ -18,8 +18,9 @@ from fetalbrain.benchmarks.parallel import parallel_plan, parallel_section
 from fetalbrain.benchmarks.pipeline import data_pipeline, worker_counts
 from fetalbrain.benchmarks.preprocessing import preprocessing_speed
 from fetalbrain.benchmarks.report import machine_description, markdown, target_summary, throughput_figure
-from fetalbrain.benchmarks.settings import configure_backends, model_sizes, plain, train_config
+from fetalbrain.benchmarks.settings import configure_backends, model_sizes, train_config
 from fetalbrain.progress import track
+from fetalbrain.runs.checkpoints import plain
 
 log = logging.getLogger(__name__)
 FIGURE = "benchmark.png"  # throughput of every model, beside benchmark.md

@@ -15,12 +15,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import WandbLogger
-from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 from fetalbrain.data.classes import display_name
-from fetalbrain.runs.checkpoints import read_checkpoint
+from fetalbrain.runs.checkpoints import plain, read_checkpoint
 from fetalbrain.runs.layout import Report
 
 matplotlib.use("Agg")
@@ -155,11 +154,6 @@ def ema_with_warmup(decay: float):
     return update
 
 
-def _plain(value):
-    """Plain Python containers: checkpoints must load with torch.load(weights_only=True)."""
-    return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
-
-
 def _scalar(value) -> float:
     """A 1-channel normalisation constant, given as a number or a one-element list."""
     values = np.ravel(np.asarray(value, dtype=float))
@@ -194,12 +188,12 @@ class ConditionalWGANGP(L.LightningModule):
         super().__init__()
         if scheduler is not None:
             raise ValueError("model=wgan_gp uses no learning-rate scheduler: set scheduler=none")
-        preprocessing = dict(_plain(preprocessing))
+        preprocessing = dict(plain(preprocessing))
         if preprocessing.get("channels") != 1:
             raise ValueError(f"data.channels={preprocessing.get('channels')!r}: the WGAN-GP generates 1-channel images")
         if n_critic < 1:
             raise ValueError(f"model.n_critic={n_critic}: needs at least one critic step per generator step")
-        class_names = list(_plain(class_names))
+        class_names = list(plain(class_names))
         image_size = check_image_size(preprocessing.get("image_size"))
         self.save_hyperparameters(
             {

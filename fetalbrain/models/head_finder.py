@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 
 from fetalbrain.data.ellipses import Ellipse, ellipse_from_mask, ellipse_mask
+from fetalbrain.runs.checkpoints import plain
 from fetalbrain.runs.layout import Report
 
 MIN_SIDE = 16  # pixels: below this an image holds no head the finder could see
@@ -180,11 +181,11 @@ class HeadFinderModule(L.LightningModule):
         monitor: str = "val/dice",
     ):
         super().__init__()
-        net, find = dict(_plain(net or {})), dict(_plain(find or {}))
+        net, find = dict(plain(net or {})), dict(plain(find or {}))
         self.save_hyperparameters(
             {
-                "class_names": list(_plain(class_names)),
-                "preprocessing": dict(_plain(preprocessing)),
+                "class_names": list(plain(class_names)),
+                "preprocessing": dict(plain(preprocessing)),
                 "name": name,
                 "net": net,
                 "dice_weight": dice_weight,
@@ -334,12 +335,6 @@ def examples_figure(images: list[np.ndarray], per_image: pd.DataFrame, path: Pat
 def _options(find: dict) -> SimpleNamespace:
     defaults = {"threshold": 0.5, "min_area": 0.02, "second_region": 0.3, "edge_margin": 1, "min_confidence": 0.5}
     return SimpleNamespace(**{**defaults, **dict(find or {})})
-
-
-def _plain(value):
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
 
 
 SHIPPED_FINDER = Path(__file__).parent / "weights" / "head_finder.pt"  # with head_finder.sha256 and .md (its card)
