@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 
 from fetalbrain.data.ellipses import Ellipse, ellipse_from_mask, ellipse_mask
+from fetalbrain.project import PROJECT_ROOT
 from fetalbrain.runs.checkpoints import plain
 from fetalbrain.runs.layout import Report
 
@@ -337,7 +338,7 @@ def _options(find: dict) -> SimpleNamespace:
     return SimpleNamespace(**{**defaults, **dict(find or {})})
 
 
-SHIPPED_FINDER = Path(__file__).parent / "weights" / "head_finder.pt"  # with head_finder.sha256 and .md (its card)
+SHIPPED_FINDER = PROJECT_ROOT / "data" / "head-finder" / "head_finder.pt"  # with head_finder.sha256 and .md (its card)
 
 
 def slim_checkpoint(checkpoint: Path, out: Path) -> str:
