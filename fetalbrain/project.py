@@ -8,6 +8,14 @@ CONF_DIR = PROJECT_ROOT / "conf"
 __version__ = "0.1.0"
 
 
+def plain(value):
+    """A config value as plain Python (dicts, lists): what checkpoints keep (they load with weights_only), JSON
+    results and job spec files hold."""
+    from omegaconf import Container, OmegaConf
+
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, Container) else value
+
+
 def group_options(group: str) -> list[str]:
     """The options a user can choose in a config group (``conf/<group>/*.yaml``): internal files (``_name``) and
     examples to copy (``*.example``) are not choices."""

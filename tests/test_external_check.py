@@ -270,6 +270,8 @@ def test_compact_merges_folders_and_fits_each_heads_outline(tmp_path):
     HC18's annotations), in the copy's pixels; an image without an outline is refused before anything is written."""
     import cv2
 
+    from fetalbrain.data.ellipses import Ellipse
+
     first = make_labelled_folder(tmp_path / "first")
     second = make_labelled_folder(tmp_path / "second", shapes=((400, 270),))
     (second / "images" / "300_1HC.jpg").rename(second / "images" / "900_HC.jpg")
@@ -277,10 +279,12 @@ def test_compact_merges_folders_and_fits_each_heads_outline(tmp_path):
     outlines = tmp_path / "outlines"
     (outlines / "annotations").mkdir(parents=True)
     (outlines / "PROVENANCE.md").write_text("# Outlines\n\nDrawn by sonographers. CC BY 4.0.\n")
-    rows = []
-    for name in ["300_1HC.jpg", "300_2HC.jpg", "301_1HC.jpg", "900_HC.jpg"]:
+    rows, drawn = [], {}
+    for index, name in enumerate(["300_1HC.jpg", "300_2HC.jpg", "301_1HC.jpg", "900_HC.jpg"]):
         outline = np.zeros((540, 800), np.uint8)  # the annotations are twice the images' size
-        cv2.ellipse(outline, (400, 270), (200, 120), 30, 0, 360, 255, 2)
+        drawn[name] = Ellipse(360 + 20 * index, 250 + 10 * index, 200 - 15 * index, 120, 30 + 40 * index)
+        e = drawn[name]
+        cv2.ellipse(outline, (round(e.cx), round(e.cy)), (round(e.semi_major), 120), e.angle, 0, 360, 255, 2)
         cv2.imwrite(str(outlines / "annotations" / name.replace(".jpg", "_Annotation.png")), outline)
         rows.append({"annotation": name.replace(".jpg", "_Annotation.png"), "image": name})
     pd.DataFrame(rows).to_csv(outlines / "annotations.csv", index=False)
@@ -289,14 +293,18 @@ def test_compact_merges_folders_and_fits_each_heads_outline(tmp_path):
     compact_main([str(first), str(second), str(dst), "--size", "200", "--outlines", str(outlines)])
     copied = read_labelled_folder(dst, "normal")
     assert list(copied["file"]) == ["300_1HC.jpg", "300_2HC.jpg", "301_1HC.jpg", "900_HC.jpg"]
-    head = copied.iloc[0]  # 400x270 -> 200x135: the 800x540 outline scaled by a quarter
-    assert float(head["head_cx"]) == pytest.approx(99.625, abs=0.2) and float(head["head_cy"]) == pytest.approx(
-        67.125, abs=0.2
-    )
-    assert float(head["head_semi_major"]) == pytest.approx(50, abs=0.2)
-    assert float(head["head_semi_minor"]) == pytest.approx(30, abs=0.2)
-    assert float(head["head_angle"]) == pytest.approx(30, abs=0.5)
-    assert 0.4 < float(head["head_width_fraction"]) < 0.5  # 2 * sqrt(50² cos² 30° + 30² sin² 30°) / 200
+    for row in copied.itertuples():  # each row its own outline, moved into its own image's pixels
+        with Image.open(row.path) as image:
+            width, height = image.size  # 200x135, and 200x138 for the 390x269 image
+        expected = drawn[row.file].scaled(width / 800, height / 540)
+        assert float(row.head_cx) == pytest.approx(expected.cx, abs=0.2), row.file
+        assert float(row.head_cy) == pytest.approx(expected.cy, abs=0.2), row.file
+        assert float(row.head_semi_major) == pytest.approx(expected.semi_major, abs=0.3), row.file
+        assert float(row.head_semi_minor) == pytest.approx(expected.semi_minor, abs=0.3), row.file
+        assert abs((float(row.head_angle) - expected.angle + 90) % 180 - 90) < 1.0, row.file
+    assert 0.4 < float(copied["head_width_fraction"][0]) < 0.5  # 2 * sqrt(50² cos² 30° + 30² sin² 30°) / 200
+    with pytest.raises(ValueError, match="already holds head ellipses"):  # they would stay in the old pixels
+        compact_main([str(dst), str(tmp_path / "smaller"), "--size", "100"])
     provenance = (dst / "PROVENANCE.md").read_text()
     assert "Drawn by sonographers" in provenance and provenance.count("Licence: CC BY 4.0.") == 2
     assert "4 images of 3 subjects" in provenance

@@ -135,6 +135,8 @@ def test_a_probability_map_is_a_head_or_a_reason():
     assert found.found and found.reason == "" and found.confidence == pytest.approx(0.9, abs=0.03)
     assert abs(found.ellipse.cx - 128) < 0.5 and abs(found.ellipse.semi_major - 70) < 0.7
 
+    no_margin = SimpleNamespace(**{**vars(OPTIONS), "edge_margin": 0})
+    assert judge_probability(clean, no_margin).found  # a margin of 0 only refuses ellipses reaching past the edge
     assert judge_probability(np.zeros(shape), OPTIONS).reason == "no fetal head found (no skull region)"
     small = ellipse_mask(Ellipse(128, 90, 8, 6, 0), shape) * 0.9
     assert "largest region 0.3% of the image" in judge_probability(small, OPTIONS).reason
@@ -153,7 +155,8 @@ def test_bad_images_get_a_reason_not_a_crash():
     finder = HeadFinder(build_head_net("tu-tf_efficientnet_lite0", None, [16, 16, 8, 8, 8]), 32, OPTIONS)
     assert finder(np.zeros((1, 1), np.uint8)).reason == "image too small to hold a head (1x1 px; at least 16 px a side)"
     assert "image too small" in finder(np.zeros((0, 0), np.uint8)).reason
-    photo = (np.random.default_rng(0).random((120, 160, 3)) * 255).astype(np.uint8)  # a colour "photo"
+    assert finder(np.zeros((64, 64), np.float32)).reason.startswith("expects an 8-bit image (0-255), got float32")
+    photo = (np.random.default_rng(0).random((120, 160, 4)) * 255).astype(np.uint8)  # a colour "photo", with alpha
     result = finder(photo)
     assert isinstance(result.found, bool) and (result.found or result.reason)
     assert result.probability is None or result.probability.shape == (120, 160)

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from fetalbrain.benchmarks.pipeline import training_batches
 from fetalbrain.benchmarks.settings import configure_backends, train_config
 from fetalbrain.benchmarks.timing import StepTimer, lightning_throughput, release_freed_memory
-from fetalbrain.runs.checkpoints import plain
+from fetalbrain.project import plain
 from fetalbrain.training.fit import build_model
 
 log = logging.getLogger(__name__)

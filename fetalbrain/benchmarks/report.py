@@ -10,7 +10,7 @@ import psutil
 import torch
 from omegaconf import DictConfig
 
-from fetalbrain.runs.checkpoints import plain
+from fetalbrain.project import plain
 
 
 def machine_description(device: torch.device) -> dict:

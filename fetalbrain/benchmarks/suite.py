@@ -20,7 +20,7 @@ from fetalbrain.benchmarks.preprocessing import preprocessing_speed
 from fetalbrain.benchmarks.report import machine_description, markdown, target_summary, throughput_figure
 from fetalbrain.benchmarks.settings import configure_backends, model_sizes, train_config
 from fetalbrain.progress import track
-from fetalbrain.runs.checkpoints import plain
+from fetalbrain.project import plain
 
 log = logging.getLogger(__name__)
 FIGURE = "benchmark.png"  # throughput of every model, beside benchmark.md

@@ -110,6 +110,12 @@ def compact_labelled_folder(
                 f"{folder / 'PROVENANCE.md'}: missing; a copy must carry the source's attribution and licence"
             )
     table = pd.concat(tables, ignore_index=True)
+    fitted = [c for c in HEAD_COLUMNS if c in table.columns]
+    if fitted:  # they are in the source's pixels: copying them beside resized images would misplace every head
+        raise ValueError(
+            f"{', '.join(map(str, sources))}: labels.csv already holds head ellipses ({', '.join(fitted)}) in its "
+            "images' pixels; compact the original folders with --outlines instead"
+        )
     repeated = table["file"][table["file"].duplicated()].tolist()
     if repeated:
         raise ValueError(f"{repeated[0]}: listed by more than one source folder; file names must be unique")
@@ -228,8 +234,8 @@ def _write_labelled_provenance(
   re-encoded as JPEG quality {quality}. {rows}
 - {len(table)} images of {table["subject"].nunique()} subjects; labels: {labels}.
 - SHA256 of `{LABELS_CSV}`: `{digest}`.
-- Never used for training by the project: it is the external check of every run's report
-  (`evaluation.external`).
+- Never used to train a classifier: it is the external check of every classification run's report
+  (`evaluation.external`). The head finder (`model=head_finder`) learns from its head outlines.
 
 {provenance}
 """

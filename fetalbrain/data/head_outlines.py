@@ -12,12 +12,13 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from fetalbrain.data.compact import HEAD_COLUMNS
 from fetalbrain.data.ellipses import Ellipse, ellipse_mask
 from fetalbrain.data.images import read_grayscale
 from fetalbrain.data.readers import DatasetError, read_labelled_folder
+from fetalbrain.project import plain
 
 PARTS = ("train", "val", "test")
 
@@ -69,23 +70,28 @@ class HeadDataset(Dataset):
     def __init__(self, table: pd.DataFrame, size: int, augment=None):
         self.table, self.size, self.augment = table.reset_index(drop=True), size, augment
         self.images = [read_grayscale(p) for p in self.table["path"]]
-        self._base_seed, self._epoch, self._seeded_for = torch.initial_seed(), 0, None
+        self._base_seed, self._seeded_for = torch.initial_seed(), None
+        # (epoch, rank) in shared memory: persistent loader workers keep their own copy of the dataset but see
+        # what set_epoch writes here (as the classifier's UltrasoundDataset)
+        self._epoch = torch.zeros(2, dtype=torch.int64).share_memory_()
 
     def __len__(self) -> int:
         return len(self.table)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Augmentation follows the epoch (as the classifier's: a resumed run sees the same augmentations)."""
-        self._epoch = epoch
+    def set_epoch(self, epoch: int, rank: int = 0) -> None:
+        """Augmentation follows (epoch, rank, loader worker), as the classifier's: a resumed run sees the same
+        augmentations, and workers draw different ones."""
+        self._epoch[0], self._epoch[1] = epoch, rank
 
     def __getitem__(self, index: int):
         import cv2
 
-        if self.augment is not None and self._seeded_for != self._epoch:
-            self.augment.set_random_seed(
-                int(np.random.SeedSequence([self._base_seed, self._epoch]).generate_state(1)[0])
-            )
-            self._seeded_for = self._epoch
+        if self.augment is not None:
+            worker = get_worker_info()
+            key = (*self._epoch.tolist(), worker.id if worker is not None else 0)
+            if key != self._seeded_for:
+                self.augment.set_random_seed(int(np.random.SeedSequence([self._base_seed, *key]).generate_state(1)[0]))
+                self._seeded_for = key
         image, row = self.images[index], self.table.iloc[index]
         height, width = image.shape
         ellipse = ellipse_of(row).scaled(self.size / width, self.size / height)
@@ -146,19 +152,19 @@ class HeadOutlinesDataModule(L.LightningDataModule):
         augment: dict | None = None,
         limitations: list[str] = (),
     ):
-        from omegaconf import OmegaConf
-
         super().__init__()
-        plain = {
-            k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v for k, v in locals().items()
-        }
-        keys = ("root", "image_size", "batch_size", "num_workers", "val_fraction", "test_fraction", "split_seed")
         self.save_hyperparameters(  # plain containers: checkpoints are read with weights_only
             {
-                **{k: plain[k] for k in keys},
-                "bins": list(plain["bins"]),
-                "augment": plain["augment"],
-                "limitations": list(plain["limitations"]),
+                "root": str(root),
+                "image_size": image_size,
+                "batch_size": batch_size,
+                "num_workers": num_workers,
+                "val_fraction": val_fraction,
+                "test_fraction": test_fraction,
+                "split_seed": split_seed,
+                "bins": list(plain(bins)),
+                "augment": plain(augment),
+                "limitations": list(plain(limitations)),
             }
         )
 
@@ -176,7 +182,7 @@ class HeadOutlinesDataModule(L.LightningDataModule):
         }
 
     def set_epoch(self, epoch: int, rank: int = 0) -> None:
-        self.datasets["train"].set_epoch(epoch * 1000 + rank)
+        self.datasets["train"].set_epoch(epoch, rank)
 
     def _loader(self, part: str, train: bool = False) -> DataLoader:
         return DataLoader(

@@ -153,10 +153,9 @@ def assign_bins(table: pd.DataFrame, by) -> tuple[pd.Series | None, str | None]:
 def by_bin(indicators: dict[str, np.ndarray], subjects: np.ndarray, bins: pd.Series, by, boot) -> pd.DataFrame:
     """Every bin's images, subjects and each indicator's rate with a bootstrap interval over the bin's subjects
     (``metric`` is the indicator's name without ``external/``). A bin without images has a row of its own."""
-    rows = []
-    for label in bins.cat.categories:
+    rows, edges = [], list(by.edges)
+    for label, low, high in zip(bins.cat.categories, edges, edges[1:]):
         inside = (bins == label).to_numpy()
-        low, high = label.split("-")
         base = {"bin": label, "low": float(low), "high": float(high), "images": int(inside.sum())}
         base["subjects"] = int(len(set(subjects[inside])))
         if not inside.any():

@@ -19,7 +19,8 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 from fetalbrain.data.classes import display_name
-from fetalbrain.runs.checkpoints import plain, read_checkpoint
+from fetalbrain.project import plain
+from fetalbrain.runs.checkpoints import read_checkpoint
 from fetalbrain.runs.layout import Report
 
 matplotlib.use("Agg")

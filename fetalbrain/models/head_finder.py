@@ -18,8 +18,7 @@ import pandas as pd
 import torch
 
 from fetalbrain.data.ellipses import Ellipse, ellipse_from_mask, ellipse_mask
-from fetalbrain.project import PROJECT_ROOT
-from fetalbrain.runs.checkpoints import plain
+from fetalbrain.project import PROJECT_ROOT, plain
 from fetalbrain.runs.layout import Report
 
 MIN_SIDE = 16  # pixels: below this an image holds no head the finder could see
@@ -121,7 +120,12 @@ def touches_edge(region: np.ndarray, ellipse: Ellipse, margin: int) -> bool:
     """A skull region within ``margin`` pixels of the border, or an ellipse reaching past it: part of the head is
     outside the frame, so its outline and measure are guesses."""
     height, width = region.shape
-    if region[:, :margin].any() or region[:, -margin:].any() or region[:margin].any() or region[-margin:].any():
+    if margin > 0 and (
+        region[:, :margin].any()
+        or region[:, width - margin :].any()
+        or region[:margin].any()
+        or region[height - margin :].any()
+    ):
         return True
     theta = np.radians(ellipse.angle)
     half_x = np.hypot(ellipse.semi_major * np.cos(theta), ellipse.semi_minor * np.sin(theta))
@@ -154,8 +158,10 @@ class HeadFinder:
 
     def __call__(self, image: np.ndarray) -> FoundHead:
         image = np.asarray(image)
-        if image.ndim == 3:
-            image = image.mean(axis=2).astype(np.uint8)
+        if image.dtype != np.uint8:
+            return FoundHead(False, f"expects an 8-bit image (0-255), got {image.dtype}: read it with read_grayscale")
+        if image.ndim == 3:  # colour: the mean of the colour channels (an alpha channel is no colour)
+            image = image[..., :3].mean(axis=2).astype(np.uint8)
         if image.ndim != 2 or min(image.shape) < MIN_SIDE:
             shape = "x".join(map(str, image.shape[::-1])) or "empty"
             return FoundHead(False, f"image too small to hold a head ({shape} px; at least {MIN_SIDE} px a side)")

@@ -2,15 +2,9 @@
 
 from pathlib import Path
 
-from omegaconf import Container, ListConfig, OmegaConf
+from omegaconf import ListConfig
 
 from fetalbrain.runs.layout import CHECKPOINT_DIR, DEFAULT_LOG_DIR, SUMMARY_FILE, find_runs, read_summary, task_of
-
-
-def plain(value):
-    """A config value as plain Python (dicts, lists): what checkpoints keep (they load with weights_only), JSON
-    results and job spec files hold."""
-    return OmegaConf.to_container(value, resolve=True) if isinstance(value, Container) else value
 
 
 def read_checkpoint(checkpoint: str | Path) -> dict:

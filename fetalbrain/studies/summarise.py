@@ -232,7 +232,7 @@ def nested_selection(study: Study, runs: list[StudyRun], pools: Pools) -> tuple[
         jobs.setdefault((run.replicate, run.fold), []).append(run)
     rows, chosen_tables = [], {}
     for (replicate, fold), candidates in sorted(jobs.items(), key=lambda job: (_order(job[0][0]), job[0][1])):
-        if len(candidates) < len(ran) or len(ran) < 2:
+        if {r.condition for r in candidates} != ran or len(ran) < 2:
             continue
         val = {r.condition: r.scores("val", (metric,))[metric] for r in candidates}
         winner = max(val, key=lambda c: (val[c], c == study.baseline))
