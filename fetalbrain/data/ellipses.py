@@ -52,10 +52,6 @@ class Ellipse:
         h = ((a - b) / (a + b)) ** 2 if a + b > 0 else 0.0
         return math.pi * (a + b) * (1 + 3 * h / (10 + math.sqrt(4 - 3 * h)))
 
-    @property
-    def area(self) -> float:
-        return math.pi * self.semi_major * self.semi_minor
-
 
 def fit_ellipse(points: np.ndarray) -> Ellipse | None:
     """The least-squares ellipse through ``points`` ((N, 2) x, y; OpenCV's direct fit); None with fewer than 5

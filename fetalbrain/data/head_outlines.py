@@ -84,7 +84,6 @@ class HeadDataset(Dataset):
         self._epoch[0], self._epoch[1] = epoch, rank
 
     def __getitem__(self, index: int):
-        import cv2
 
         if self.augment is not None:
             worker = get_worker_info()
@@ -95,7 +94,7 @@ class HeadDataset(Dataset):
         image, row = self.images[index], self.table.iloc[index]
         height, width = image.shape
         ellipse = ellipse_of(row).scaled(self.size / width, self.size / height)
-        resized = cv2.resize(image, (self.size, self.size), interpolation=cv2.INTER_AREA)
+        resized = to_square(image, self.size)
         mask = ellipse_mask(ellipse, (self.size, self.size))
         if self.augment is not None:
             out = self.augment(image=resized, mask=mask)
@@ -103,9 +102,19 @@ class HeadDataset(Dataset):
         return to_input(resized), torch.from_numpy(mask.astype(np.float32))[None]
 
 
+INPUT_MEAN, INPUT_STD = 0.5, 0.25  # the finder's input normalisation, of the 0-1 range
+
+
+def to_square(image: np.ndarray, size: int) -> np.ndarray:
+    """The image as the finder sees every image, whatever its shape: resized to ``size`` x ``size``."""
+    import cv2
+
+    return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+
+
 def to_input(image: np.ndarray) -> torch.Tensor:
-    """A grey uint8 image (already at the input size) as the finder's input tensor (1, H, W)."""
-    return (torch.from_numpy(image.astype(np.float32) / 255.0)[None] - 0.5) / 0.25
+    """A grey uint8 image (already square, at the input size) as the finder's input tensor (1, H, W)."""
+    return (torch.from_numpy(image.astype(np.float32) / 255.0)[None] - INPUT_MEAN) / INPUT_STD
 
 
 def head_augmentation(options):
@@ -204,8 +213,10 @@ class HeadOutlinesDataModule(L.LightningDataModule):
         return self._loader("test")
 
     def preprocessing_config(self) -> dict:
-        """What a finder needs to see an image as in training: grey, resized to a square, (x/255 - 0.5) / 0.25."""
-        return {"image_size": self.hparams.image_size, "channels": 1, "mean": 0.5, "std": 0.25, "resize": "square"}
+        """What a finder needs to see an image as in training: grey, resized to a square (``to_square``),
+        normalised (``to_input``)."""
+        size = self.hparams.image_size
+        return {"image_size": size, "channels": 1, "mean": INPUT_MEAN, "std": INPUT_STD, "resize": "square"}
 
     def data_summary(self) -> dict:
         """The run summary's data part, in the classifier's keys where they mean the same (the model card reads

@@ -313,7 +313,7 @@ def external_report(
         "predicted": [class_names[p] for p in predicted],
     }
     if bins is not None:
-        columns[by.column] = pd.to_numeric(table[by.column].replace("", np.nan), errors="coerce")
+        columns[by.column] = table[by.column]
         columns["bin"] = bins.astype(object).fillna("")
     columns |= {f"called_abnormal_{rule}": score >= t for rule, t in thresholds.items()}
     if flagged is not None:

@@ -68,10 +68,6 @@ class FoundHead:
     confidence: float = 0.0
     probability: np.ndarray | None = field(default=None, repr=False)  # the map, at the image's size
 
-    def as_dict(self) -> dict:
-        out = {"head_found": self.found, "head_reason": self.reason, "head_confidence": round(self.confidence, 4)}
-        return out | (self.ellipse.as_dict("head_") if self.ellipse else {})
-
 
 def judge_probability(probability: np.ndarray, options) -> FoundHead:
     """The head in a probability map (the image's size): the largest region above ``options.threshold``, its
@@ -148,11 +144,10 @@ class HeadFinder:
     def probability(self, image: np.ndarray) -> np.ndarray:
         import cv2
 
-        from fetalbrain.data.head_outlines import to_input
+        from fetalbrain.data.head_outlines import to_input, to_square
 
         height, width = image.shape
-        square = cv2.resize(image, (self.input_size, self.input_size), interpolation=cv2.INTER_AREA)
-        logits = self.net(to_input(square)[None].to(next(self.net.parameters()).device))
+        logits = self.net(to_input(to_square(image, self.input_size))[None].to(next(self.net.parameters()).device))
         small = torch.sigmoid(logits)[0, 0].float().cpu().numpy()
         return cv2.resize(small, (width, height), interpolation=cv2.INTER_LINEAR)
 
@@ -340,8 +335,8 @@ def examples_figure(images: list[np.ndarray], per_image: pd.DataFrame, path: Pat
 
 
 def _options(find: dict) -> SimpleNamespace:
-    defaults = {"threshold": 0.5, "min_area": 0.02, "second_region": 0.3, "edge_margin": 1, "min_confidence": 0.5}
-    return SimpleNamespace(**{**defaults, **dict(find or {})})
+    """``model.find`` (conf/model/head_finder.yaml) as attributes."""
+    return SimpleNamespace(**dict(find))
 
 
 SHIPPED_FINDER = PROJECT_ROOT / "data" / "head-finder" / "head_finder.pt"  # with head_finder.sha256 and .md (its card)
