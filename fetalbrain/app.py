@@ -5,9 +5,11 @@ predicted anomaly by its clinical name, the calibrated confidence of every class
 abnormal-vs-normal probability against the run's validation-chosen threshold, a Grad-CAM heatmap,
 and warnings. An image the run's out-of-distribution detector flags is shown as "Not a fetal brain
 ultrasound" with its score, and its class is not given as an answer (the classifier's output stays visible,
-marked as ignored); the low-confidence warning is a separate message. The run's description says how many
-normal heads from another hospital (the report's external normal check) the run calls normal. Research tool,
-not a medical device.
+marked as ignored); the low-confidence warning is a separate message. The head finder's outline of the fetal head
+is shown with its confidence (and the head circumference, in mm for a DICOM that gives its pixel spacing); an
+image in which it trusts no head is answered "No fetal head found", with the reason, and no class. The run's
+description says how many normal heads from another hospital (the report's external normal check) the run calls
+normal. Research tool, not a medical device.
 """
 
 import threading
@@ -15,13 +17,14 @@ from pathlib import Path
 
 import gradio as gr
 import hydra
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from fetalbrain.data.classes import display_name
 from fetalbrain.data.harmonise import describe_harmonise
 from fetalbrain.evaluation.external_normals import DEFAULT_WARN_BELOW, PREFIX, describe_external
 from fetalbrain.inference.ensemble import Ensemble, load_model
-from fetalbrain.inference.predictor import NOT_ULTRASOUND, Prediction, Predictor, predictions_frame
+from fetalbrain.inference.predictor import Prediction, Predictor, predictions_frame, withheld_name
 from fetalbrain.runs.checkpoints import available_runs, model_paths, run_directory
 from fetalbrain.runs.layout import CONFIG_FILE, SUMMARY_FILE, read_summary
 
@@ -32,6 +35,7 @@ DISCLAIMER = (
 )
 TABLE_COLUMNS = ["file", "name", "confidence", "abnormal_probability", "screening_positive", "warnings", "error"]
 OOD_COLUMNS = ["out_of_distribution", "ood_score", "ood_threshold"]
+HEAD_COLUMNS = ["head_found", "head_confidence", "head_reason", "head_circumference_px", "head_circumference_mm"]
 CLASSIFIER_COLUMNS = ["confidence", "abnormal_probability", "screening_positive"]  # no answer for an OOD image
 RECIPE_KEYS = ("model", "data", "optimizer", "scheduler", "trainer.max_epochs")  # what a fold ensemble's runs share
 
@@ -53,6 +57,7 @@ class Models:
                     calibrated=self.cfg.calibrated,
                     screening_rule=self.cfg.screening_rule,
                     verify=self.cfg.verify,
+                    heads=self.cfg.heads,
                 )
             return self._loaded[label]
 
@@ -142,6 +147,7 @@ def describe(predictor: Predictor | Ensemble, screening_rule: str = "youden") ->
             f"**Screening threshold** (abnormal probability, chosen on validation): {card['screening_threshold']:.3f}"
         )
     lines.append(f"**Out-of-distribution check** (not a fetal brain ultrasound?): {predictor.ood_status}")
+    lines.append(f"**Head finder** (is there a fetal head, and where?): {predictor.head_status}")
     lines.append(
         "**External normal check** (never trained on: is *normal* anatomy or source?): "
         + external_check(predictor, screening_rule)
@@ -150,17 +156,32 @@ def describe(predictor: Predictor | Ensemble, screening_rule: str = "youden") ->
     return "\n\n".join(lines)
 
 
+def describe_head(p: Prediction) -> str:
+    """The finder's verdict in words: a found head with its confidence and circumference, or why there is none."""
+    head = p.head
+    if head is None:
+        return ""
+    if not head.found:
+        return f"fetal head: {head.reason} (confidence {head.confidence:.2f})"
+    size = f"HC {p.head_circumference_px:.0f} px"
+    if p.head_circumference_mm is not None:
+        size += f" = {p.head_circumference_mm:.0f} mm (DICOM pixel spacing)"
+    return f"fetal head found (confidence {head.confidence:.2f}; {size})"
+
+
 def summarise(p: Prediction) -> str:
     name = Path(p.file).name
     if p.error:
         return f"- **{name}**: could not be read: {p.error.split(': ', 1)[-1]}"
-    if p.out_of_distribution:  # no anomaly class as if it were an answer: the classifier's output is secondary
+    if p.withheld:  # no anomaly class as if it were an answer: the classifier's output is secondary
         text = (
-            f"- **{name}**: **{p.ood_message}**. No anomaly class is given for it. "
+            f"- **{name}**: **{'; '.join(p.withheld)}**. No anomaly class is given for it. "
             f"_(Ignored classifier output: {p.name}, {p.confidence:.2f}; {p.seconds * 1000:.0f} ms)_"
         )
         return text + "".join(f"\n  - ⚠️ {warning}" for warning in p.warnings)
     text = f"- **{name}**: **{p.name}** (confidence {p.confidence:.2f})"
+    if p.head is not None:
+        text += f"; {describe_head(p)}"
     if p.ood_score is not None:
         text += f"; fetal brain ultrasound (OOD score {p.ood_score:.3g} ≤ threshold {p.ood_threshold:.3g})"
     if p.abnormal_probability is not None:
@@ -175,27 +196,28 @@ def summarise(p: Prediction) -> str:
 
 
 def caption(p: Prediction) -> str:
-    if p.out_of_distribution:
-        return f"{Path(p.file).name}: {NOT_ULTRASOUND.lower()}"
+    withheld = withheld_name(p)
+    if withheld:
+        return f"{Path(p.file).name}: {withheld.lower()}"
     return f"{Path(p.file).name}: {p.name} ({p.confidence:.2f})"
 
 
 def scores(p: Prediction) -> dict[str, float] | str:
-    """The class-confidence bars, or for an OOD image only the verdict (no class to read as an answer)."""
-    return p.ood_message if p.out_of_distribution else p.probabilities
+    """The class-confidence bars, or for an image with no answer only why (no class to read as an answer)."""
+    return "; ".join(p.withheld) if p.withheld else p.probabilities
 
 
 def results_table(predictions: list[Prediction]):
     table = predictions_frame(predictions)[TABLE_COLUMNS].assign(file=lambda f: f["file"].map(lambda x: Path(x).name))
-    table["out_of_distribution"] = [p.out_of_distribution for p in predictions]
-    table["ood_score"] = [p.ood_score for p in predictions]
-    table["ood_threshold"] = [p.ood_threshold for p in predictions]
-    flagged = table["out_of_distribution"].fillna(False).astype(bool).to_numpy()
+    frame = predictions_frame(predictions)
+    for column in OOD_COLUMNS + HEAD_COLUMNS:
+        table[column] = frame[column]
+    flagged = np.array([bool(p.withheld) for p in predictions], dtype=bool)
     table["name"] = table["name"].astype(object)
-    table.loc[flagged, "name"] = NOT_ULTRASOUND
+    table.loc[flagged, "name"] = [withheld_name(p) for p in predictions if p.withheld]
     table[CLASSIFIER_COLUMNS] = table[CLASSIFIER_COLUMNS].astype(object)
     table.loc[flagged, CLASSIFIER_COLUMNS] = None
-    return table[TABLE_COLUMNS + OOD_COLUMNS]
+    return table[TABLE_COLUMNS + OOD_COLUMNS + HEAD_COLUMNS]
 
 
 def respond(predictor: Predictor | Ensemble, paths: list[str]) -> tuple:
@@ -207,8 +229,9 @@ def respond(predictor: Predictor | Ensemble, paths: list[str]) -> tuple:
         summary = f"ℹ️ No out-of-distribution check: {predictor.ood_status}\n\n{summary}"
     gallery = [(p.heatmap, caption(p)) for p in good if p.heatmap is not None]
     if not good:
-        return summary, None, None, gallery, results_table(predictions)
-    return summary, scores(good[0]), good[0].heatmap, gallery, results_table(predictions)
+        return summary, None, None, None, gallery, results_table(predictions)
+    first = good[0]
+    return summary, scores(first), first.head_outline, first.heatmap, gallery, results_table(predictions)
 
 
 def build_app(cfg: DictConfig) -> gr.Blocks:
@@ -218,7 +241,7 @@ def build_app(cfg: DictConfig) -> gr.Blocks:
 
     def run(files, model_label):
         if not files:
-            return "Upload one or more images first.", None, None, [], None
+            return "Upload one or more images first.", None, None, None, [], None
         paths = [f if isinstance(f, str) else f.name for f in (files if isinstance(files, list) else [files])]
         if len(paths) > cfg.max_files:
             raise gr.Error(f"At most {cfg.max_files} images at once (got {len(paths)}).")
@@ -234,11 +257,12 @@ def build_app(cfg: DictConfig) -> gr.Blocks:
         summary = gr.Markdown(elem_id="summary")
         with gr.Row():
             label = gr.Label(num_top_classes=16, label="Confidence for each class (first image)", elem_id="scores")
+            head = gr.Image(label="The fetal head the finder found, with its confidence (first image)", type="numpy")
             heatmap = gr.Image(label="Grad-CAM: where the model looked (first image)", type="numpy")
         gallery = gr.Gallery(label="Grad-CAM of every image", columns=4, height=320, object_fit="contain")
         table = gr.Dataframe(label="All predictions", wrap=True)
         model.change(lambda m: describe(models.get(m), cfg.screening_rule), model, card)
-        outputs = [summary, label, heatmap, gallery, table]
+        outputs = [summary, label, head, heatmap, gallery, table]
         button.click(run, [files, model], outputs, api_name="predict", concurrency_limit=cfg.concurrency_limit)
         files.upload(run, [files, model], outputs, api_name=False, concurrency_limit=cfg.concurrency_limit)
     return app

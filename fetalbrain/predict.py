@@ -4,8 +4,10 @@
 cross-validation sweep): several are one ensemble averaging calibrated probabilities (fetalbrain/inference/ensemble.py).
 
 One CSV row per file: predicted class, confidence, the abnormal probability and the run's
-screening threshold, warnings (low confidence, unlike the training data), all class
-probabilities. Every file under the inputs gets a row: one that cannot be predicted (broken symbolic
+screening threshold, warnings (low confidence, unlike the training data), the fetal head the finder found (its
+confidence, or why none; the head circumference in pixels, and in mm for a DICOM that gives its pixel spacing), all
+class probabilities. An image flagged as not an ultrasound, or with no fetal head found, gets no class as answer.
+Every file under the inputs gets a row: one that cannot be predicted (broken symbolic
 link, no read permission, not an image, truncated) has its error there, and the rest are still predicted.
 """
 
@@ -18,7 +20,7 @@ from PIL import Image
 
 from fetalbrain.data.inputs import input_files
 from fetalbrain.inference.ensemble import load_model
-from fetalbrain.inference.predictor import NOT_ULTRASOUND, Prediction, predictions_frame
+from fetalbrain.inference.predictor import NO_HEAD, NOT_ULTRASOUND, Prediction, predictions_frame
 from fetalbrain.progress import track
 from fetalbrain.runs.checkpoints import latest_checkpoint
 
@@ -31,6 +33,7 @@ def predict(cfg: DictConfig) -> pd.DataFrame:
         screening_rule=cfg.screening_rule,
         heatmaps=bool(cfg.heatmaps),
         verify=cfg.verify,
+        heads=cfg.heads,
     )
     entries = input_files(Path(cfg.inputs))
     if not entries:
@@ -45,6 +48,8 @@ def predict(cfg: DictConfig) -> pd.DataFrame:
         for p in predictions:
             if p.heatmap is not None:
                 Image.fromarray(p.heatmap).save(folder / f"{Path(p.file).stem}_gradcam.png")
+            if p.head_outline is not None:
+                Image.fromarray(p.head_outline).save(folder / f"{Path(p.file).stem}_head.png")
     frame = predictions_frame(predictions)
     frame.to_csv(cfg.out, index=False)
     failed = frame[frame["error"].notna()]
@@ -52,9 +57,13 @@ def predict(cfg: DictConfig) -> pd.DataFrame:
         f"{len(frame) - len(failed)} of {len(frame)} files predicted with {predictor.card['checkpoint']} -> {cfg.out}"
     )
     print(f"  out-of-distribution check: {predictor.ood_status}")
+    print(f"  head finder: {predictor.head_status}")
     flagged = int((frame["out_of_distribution"] == True).sum())  # noqa: E712 (None: not checked)
     if flagged:
         print(f"  {flagged} file(s) flagged as {NOT_ULTRASOUND.lower()}: no anomaly class given for them")
+    headless = int((frame["head_framed"] == False).sum())  # noqa: E712 (None: no finder)
+    if headless:
+        print(f"  {headless} file(s) with {NO_HEAD.lower()}: no anomaly class given for them (head_reason says why)")
     for row in failed.itertuples():
         print(f"  failed: {row.error}")
     return frame

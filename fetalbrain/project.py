@@ -16,6 +16,14 @@ def plain(value):
     return OmegaConf.to_container(value, resolve=True) if isinstance(value, Container) else value
 
 
+def sha256_file(path: str | Path) -> str:
+    """A file's SHA256, streamed (constant memory for a checkpoint of any size)."""
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def group_options(group: str) -> list[str]:
     """The options a user can choose in a config group (``conf/<group>/*.yaml``): internal files (``_name``) and
     examples to copy (``*.example``) are not choices."""

@@ -5,14 +5,16 @@ import socket
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 from gradio_client import Client, handle_file
 from hydra import compose, initialize_config_dir
+from PIL import Image
 
 from fetalbrain.app import build_app, model_choices
 from tests.conftest import CONF, DATA, ROOT, bad_files
 
-REAL = sorted(DATA.glob("test/*.jpg"))[:4]
+REAL = sorted(DATA.glob("test/*.jpg"))[1:5]  # heads the finder trusts (the first shows two head-like regions)
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = ROOT / "outputs" / "test-artifacts"
 
@@ -54,18 +56,29 @@ def call(served, paths):
 
 
 def test_api_predicts_uploaded_images(served):
-    summary, scores, heatmap, gallery, table = call(served, REAL[:2])
-    assert summary.count("(confidence ") == 2 and "abnormal probability" in summary
+    summary, scores, head, heatmap, gallery, table = call(served, REAL[:2])
+    assert summary.count("- **") == 2 and "abnormal probability" in summary
+    assert summary.count("fetal head found (confidence ") == 2  # the shipped finder's verdict on each image
+    assert Path(head).is_file()  # the first image with the head's outline
     confidences = [c["confidence"] for c in scores["confidences"]]
     assert len(confidences) == 16 and confidences == sorted(confidences, reverse=True)
     assert scores["label"] == scores["confidences"][0]["label"]
     assert Path(heatmap).is_file() and len(gallery) == 2
     assert table["headers"][:3] == ["file", "name", "confidence"] and len(table["data"]) == 2
+    assert "head_circumference_px" in table["headers"]
+
+
+def test_an_image_with_no_fetal_head_gets_no_class(served, tmp_path):
+    """A black frame is read, but the finder trusts no head in it: the answer is withheld, with the reason."""
+    Image.fromarray(np.zeros((120, 160), np.uint8)).save(tmp_path / "black.png")
+    summary, scores, head, *_ = call(served, [tmp_path / "black.png"])
+    assert "No fetal head found (a flat image" in summary and "No anomaly class" in summary
+    assert "No fetal head found" in scores["label"] and not scores.get("confidences")
 
 
 def test_bad_uploads_get_a_message_and_the_server_stays_up(served, tmp_path):
     bad = bad_files(tmp_path)
-    summary, scores, heatmap, gallery, table = call(served, list(bad.values()))
+    summary, scores, head, heatmap, gallery, table = call(served, list(bad.values()))
     assert summary.count("could not be read") == 4 and not scores and gallery == []
     assert "empty file" in summary and "pixel limit" in summary
     summary, scores, *_ = call(served, [bad["truncated"], REAL[0]])

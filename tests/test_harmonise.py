@@ -1,17 +1,21 @@
-"""Harmonised preprocessing: each step removes its cue and keeps the anatomy, and the whole pipeline gives
-identical tensors in training, predict (checkpoint) and predict (ONNX export)."""
+"""Harmonised preprocessing: each step removes its cue and keeps the anatomy, and the whole pipeline (the head frame
+and every other step) gives identical tensors in training, predict (checkpoint) and predict (ONNX export)."""
 
 from pathlib import Path
 
 import albumentations as A
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from fetalbrain.data.harmonise import IntensityNorm, PadToSquare, RemoveOverlays, Sector, Vignette, sector_mask
+from fetalbrain.data.head_finding import SHIPPED_FINDER
 from fetalbrain.data.images import read_grayscale
 from fetalbrain.data.transforms import preprocessing
-from tests.conftest import DATA, TINY, train_config
+from fetalbrain.project import sha256_file
+from fetalbrain.training.fit import HEAD_FRAME_FILE
+from tests.conftest import DATA, TINY, make_export, train_config
 
 ANATOMY = "data/harmonise=anatomy"
 
@@ -107,7 +111,10 @@ def harmonised_run(tmp_path_factory):
     from fetalbrain.training.fit import train
 
     run_dir = tmp_path_factory.mktemp("harmonised")
-    with train_config(run_dir, [*TINY, "model=cnn", ANATOMY]) as cfg:
+    export = make_export(tmp_path_factory.mktemp("export"))  # a few dozen images: the finder runs on each once
+    head = ["data.harmonise.head_frame=true", f"data.head_cache={run_dir / 'cache'}"]
+    overrides = [*TINY, "model=cnn", ANATOMY, *head, f"data.root={export}", "data/split=official"]
+    with train_config(run_dir, overrides) as cfg:
         summary, objects = train(cfg)
     return Path(summary["run"]["best_checkpoint"]), objects["datamodule"], summary
 
@@ -119,18 +126,29 @@ def test_the_harmonised_pipeline_gives_identical_tensors_in_training_predict_and
     checkpoint, datamodule, summary = harmonised_run
     stored = torch.load(checkpoint, map_location="cpu", weights_only=True)["hyper_parameters"]["preprocessing"]
     assert stored["harmonise"] == dict(datamodule.hparams.harmonise) and stored["harmonise"]["crop_to_sector"] is True
+    assert stored["harmonise"]["head_finder_sha256"] == sha256_file(SHIPPED_FINDER)  # the finder it was framed by
+    framed = pd.read_csv(checkpoint.parent.parent / HEAD_FRAME_FILE)
+    assert len(framed) == len(datamodule.table) and framed["framed"].mean() > 0.6
+    assert (framed.loc[~framed["framed"], "reason"].str.len() > 0).all()  # every whole frame kept says why
+    by_class = summary["data"]["head_frame"]["framed_by_class"]
+    assert set(by_class) == set(datamodule.table["label"]) and all(0 <= v <= 1 for v in by_class.values())
     predictors = [Predictor(checkpoint, heatmaps=False), Predictor(export(checkpoint, "onnx", tmp_path / "m.onnx"))]
-    val = datamodule.datasets["val"]
-    for index in (0, len(val) - 1):
-        trained_on = val[index][0].unsqueeze(0)
-        gray = read_grayscale(val.paths[index])
+    chosen = {}  # (part, index) of a framed image and of a whole frame kept, from the parts that are not augmented
+    for part in ("val", "test"):
+        dataset = datamodule.datasets[part]
+        for index, is_framed in enumerate(framed.set_index("path").loc[dataset.paths, "framed"]):
+            chosen.setdefault(bool(is_framed), (dataset, index))
+    assert set(chosen) == {True, False}, "the export's val and test parts hold framed heads and whole frames kept"
+    for dataset, index in chosen.values():
+        trained_on = dataset[index][0].unsqueeze(0)
+        gray = read_grayscale(dataset.paths[index])
         for predictor in predictors:
             assert torch.equal(predictor.tensor(gray), trained_on)
     from fetalbrain.app import describe
 
-    assert "harmonised: outside the sector blanked, cropped to the sector, elliptical window 0.8" in describe(
-        predictors[0]
-    )
+    steps = "framed on the fetal head (margin 0.15), outside the sector blanked, cropped to the sector"
+    assert f"harmonised: {steps}, elliptical window 0.8" in describe(predictors[0])
     harmonised = datamodule.preprocessed_images("val")[0][0]
-    plain = A.Compose(preprocessing(datamodule.hparams.image_size))(image=read_grayscale(val.paths[0]))["image"]
+    first = datamodule.datasets["val"].paths[0]
+    plain = A.Compose(preprocessing(datamodule.hparams.image_size))(image=read_grayscale(first))["image"]
     assert not np.array_equal(harmonised, plain)  # the steps did something

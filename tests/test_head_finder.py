@@ -12,15 +12,9 @@ import pytest
 import torch
 
 from fetalbrain.data.ellipses import Ellipse, ellipse_mask
+from fetalbrain.data.head_finding import HeadFinder, judge_probability, load_head_finder
 from fetalbrain.data.head_outlines import read_heads, split_by_subject
-from fetalbrain.models.head_finder import (
-    BINS_FILE,
-    TEST_FILE,
-    HeadFinder,
-    build_head_net,
-    judge_probability,
-    load_head_finder,
-)
+from fetalbrain.models.head_finder import BINS_FILE, TEST_FILE, build_head_net
 from fetalbrain.training.fit import train
 from tests.conftest import ROOT, TINY, train_config
 

@@ -21,9 +21,10 @@ from fetalbrain.export import export
 from fetalbrain.inference.predictor import Predictor
 from fetalbrain.predict import predict
 from fetalbrain.runs.checkpoints import latest_checkpoint
-from tests.conftest import CONF, DATA, bad_files, run_cli
+from tests.conftest import CONF, DATA, ROOT, bad_files, run_cli
 
 REAL = sorted(DATA.glob("test/*.jpg"))[:8]
+HC18_HEAD = ROOT / "data" / "hc18-normal-heads" / "images" / "300_HC.jpg"
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,7 @@ def predictor(trained_checkpoint):
     return Predictor(trained_checkpoint)
 
 
-def write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2") -> Path:
+def write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2", **tags) -> Path:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
@@ -44,6 +45,8 @@ def write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2"
     ds.BitsAllocated = ds.BitsStored = 16
     ds.HighBit, ds.PixelRepresentation = 15, 0
     ds.PixelData = pixels.astype(np.uint16).tobytes()
+    for key, value in tags.items():
+        setattr(ds, key, value)
     ds.save_as(path, enforce_file_format=True)
     return path
 
@@ -90,6 +93,35 @@ def test_every_input_format_is_read_like_training_images(predictor, tmp_path):
     inverted = write_dicom(tmp_path / "inverted.dcm", (255 - gray).astype(np.uint16), photometric="MONOCHROME1")
     restored = read_grayscale(inverted).astype(float)  # min-max scaled, and un-inverted
     assert np.corrcoef(restored.ravel(), gray.astype(float).ravel())[0, 1] > 0.999
+
+
+def test_the_fetal_head_is_outlined_and_measured_in_mm_where_a_dicom_says_its_pixel_size(predictor, tmp_path):
+    """The shipped finder outlines the head (this run saw whole frames); its circumference is in pixels, and in mm
+    for a DICOM with PixelSpacing or an ultrasound region calibrated in cm; a head it does not trust withholds the
+    answer. HC18's pixel sizes are 0.05-0.3 mm."""
+    from fetalbrain.inference.predictor import NO_HEAD, predictions_frame
+
+    gray = read_grayscale(HC18_HEAD)
+    plain = predictor.predict_file(HC18_HEAD)
+    assert plain.head.found and plain.head.confidence > 0.8 and not plain.withheld
+    assert plain.head_circumference_px == pytest.approx(plain.head.ellipse.circumference)
+    assert plain.head_circumference_mm is None  # a JPEG says nothing of its pixel size
+    assert plain.head_outline.shape == (*gray.shape, 3) and not np.array_equal(plain.head_outline[..., 1], gray)
+    spaced = write_dicom(tmp_path / "spaced.dcm", gray.astype(np.uint16), PixelSpacing=[0.2, 0.2])
+    region = pydicom.Dataset()
+    region.PhysicalUnitsXDirection = region.PhysicalUnitsYDirection = 3  # cm
+    region.PhysicalDeltaX = region.PhysicalDeltaY = 0.02
+    calibrated = write_dicom(tmp_path / "region.dcm", gray.astype(np.uint16), SequenceOfUltrasoundRegions=[region])
+    for path in (spaced, calibrated):
+        result = predictor.predict_file(path, heatmap=False)
+        assert result.head_circumference_mm == pytest.approx(0.2 * result.head_circumference_px, rel=1e-3), path
+    black = tmp_path / "black.png"
+    Image.fromarray(np.zeros((120, 160), np.uint8)).save(black)
+    frame = predictions_frame([plain, predictor.predict_file(black, heatmap=False)])
+    assert frame["predicted"].iloc[0] == plain.label and frame["head_found"].tolist() == [True, False]
+    assert pd.isna(frame["predicted"].iloc[1]) and NO_HEAD in frame["withheld"].iloc[1]
+    assert "a flat image" in frame["head_reason"].iloc[1]
+    assert Predictor(predictor.path, heads=False).predict_file(black, heatmap=False).head is None
 
 
 def test_colour_photographs_and_bad_files_are_flagged_not_answered(predictor, tmp_path):

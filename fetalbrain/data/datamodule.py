@@ -7,17 +7,20 @@ from pathlib import Path
 import albumentations as A
 import lightning as L
 import numpy as np
+import pandas as pd
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, RandomSampler, WeightedRandomSampler, get_worker_info
 
 from fetalbrain.data.duplicates import duplicate_groups
+from fetalbrain.data.head_frame import HeadFrame
 from fetalbrain.data.images import ImageReadError, read_grayscale
 from fetalbrain.data.readers import DatasetError, read_dataset
 from fetalbrain.data.splits import assign_parts
 from fetalbrain.data.synthetic import MIXES, mix_synthetic
 from fetalbrain.data.transforms import build_pipeline, preprocessing
+from fetalbrain.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +82,7 @@ class FetalBrainDataModule(L.LightningDataModule):
         denoise_kernel: int = 5,
         clahe: bool = False,
         harmonise: dict | None = None,
+        head_cache: str | None = None,
         transforms: dict | None = None,
         mean: float | None = None,
         std: float | None = None,
@@ -111,6 +115,7 @@ class FetalBrainDataModule(L.LightningDataModule):
         self.table = None  # set by setup(): path, label, split, source, case, group, part, target
         self.skipped: list[dict] = []
         self.synthetic: dict | None = None  # what data.mix added to the training part
+        self.head_frame = None  # with data.harmonise.head_frame: what the frame did with each image (setup())
 
     # ---- set-up ---------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
@@ -137,6 +142,7 @@ class FetalBrainDataModule(L.LightningDataModule):
         images += self._decode_all(table.iloc[len(images) :])  # synthetic rows, appended after the real ones
         table["target"] = table["label"].map({name: i for i, name in enumerate(self.class_names)})
         self.table = table
+        self.head_frame = self._frame_heads(table, images)
         if not (table["part"] == "train").any():
             raise DatasetError(f"{hp.root}: the training part is empty after splitting")
         self.datasets = {}
@@ -176,6 +182,47 @@ class FetalBrainDataModule(L.LightningDataModule):
                 "; ".join(s["error"] for s in self.skipped[:5]),
             )
         return images
+
+    def _frame_heads(self, table, images):
+        """With the head frame: its decision for every image, made now (the finder runs once per image, or not at
+        all for images in ``data.head_cache``) so training's epochs only crop; the finder's SHA256 is recorded in
+        the run's preprocessing. A table (path, label, part, framed, found, reason, confidence, ellipse) or None."""
+        frame = next((step for step in self.preprocess if isinstance(step, HeadFrame)), None)
+        if frame is None:
+            return None
+        cache = self.hparams.head_cache
+        if cache:
+            frame.read_cache(cache)
+        decisions = [frame.decide(image) for image in track(images, "Finding each image's head")]
+        if cache:
+            frame.write_cache(cache)
+        self.hparams.harmonise["head_finder_sha256"] = frame.finder_sha256
+        rows = table[["path", "label", "part"]].reset_index(drop=True)
+        found = pd.DataFrame([decision.as_row() for decision in decisions])
+        found = pd.concat([rows, found], axis=1)
+        by_class = found.groupby("label")["framed"].mean()
+        log.info(
+            "Head frame: %d of %d images framed on their head (lowest per class: %s)",
+            int(found["framed"].sum()),
+            len(found),
+            ", ".join(f"{label} {rate:.0%}" for label, rate in by_class.sort_values().head(3).items()),
+        )
+        return found
+
+    def head_frame_summary(self) -> dict | None:
+        """How often the head frame found a head, overall and per class, and why it kept whole frames."""
+        if self.head_frame is None:
+            return None
+        table = self.head_frame
+        kept = table.loc[~table["framed"], "reason"].str.replace(r" \(.*?\)", "", regex=True).value_counts()
+        return {
+            "images": len(table),
+            "framed": int(table["framed"].sum()),
+            "found": int(table["found"].sum()),
+            "framed_by_class": {k: float(v) for k, v in table.groupby("label")["framed"].mean().items()},
+            "whole_frame_reasons": {k: int(v) for k, v in kept.items()},
+            "finder_sha256": self.hparams.harmonise.get("head_finder_sha256"),
+        }
 
     # ---- what the model and the reports need ----------------------------------------------------
     @property
@@ -229,6 +276,7 @@ class FetalBrainDataModule(L.LightningDataModule):
             "limitations": list(hp.limitations or []),
             "skipped_images": self.skipped,
             "synthetic": self.synthetic,
+            "head_frame": self.head_frame_summary(),
         }
 
     # ---- loaders --------------------------------------------------------------------------------

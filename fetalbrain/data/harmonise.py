@@ -193,10 +193,11 @@ class PadToSquare(A.ImageOnlyTransform):
         return ()
 
 
-def harmonise_steps(options: dict | None) -> tuple[list, list]:
-    """The steps ``data.harmonise`` asks for, as (content steps: overlays → sector → vignette → intensity, geometry
-    steps: the letterbox pad). Contrast enhancement goes between the two, the resize after both. Unknown keys are
-    an error."""
+def harmonise_steps(options: dict | None) -> tuple[list, list, list]:
+    """The steps ``data.harmonise`` asks for, as (framing: the head frame, first, on the image as it came, as the
+    finder was trained; content steps: overlays → sector → vignette → intensity; geometry steps: the letterbox pad).
+    Denoising goes after the framing, contrast enhancement between content and geometry, the resize last. Unknown
+    keys are an error."""
     options = dict(options or {})
     unknown = set(options) - set(HARMONISE_DEFAULTS)
     if unknown:
@@ -204,7 +205,7 @@ def harmonise_steps(options: dict | None) -> tuple[list, list]:
             f"data.harmonise: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(HARMONISE_DEFAULTS)}"
         )
     o = {**HARMONISE_DEFAULTS, **options}
-    for key in ("remove_overlays", "mask_outside_sector", "crop_to_sector", "letterbox"):
+    for key in ("head_frame", "remove_overlays", "mask_outside_sector", "crop_to_sector", "letterbox"):
         if not isinstance(o[key], bool):
             raise ValueError(f"data.harmonise.{key}={o[key]!r}: true or false")
     for key in ("sector_min_std", "sector_min_level"):
@@ -219,6 +220,15 @@ def harmonise_steps(options: dict | None) -> tuple[list, list]:
         )
     if o["intensity"] not in INTENSITY_METHODS:
         raise ValueError(f"data.harmonise.intensity={o['intensity']!r}: choose one of {', '.join(INTENSITY_METHODS)}")
+    framing = []
+    if o["head_frame"]:
+        from fetalbrain.data.head_frame import HeadFrame
+
+        framing.append(
+            HeadFrame(
+                o["head_finder"], o["head_margin"], o["head_rotate"], o["head_accept_cut"], o["head_finder_sha256"]
+            )
+        )
     content = []
     if o["remove_overlays"]:
         content.append(RemoveOverlays(o["overlay_level"], o["overlay_max_area"]))
@@ -236,13 +246,16 @@ def harmonise_steps(options: dict | None) -> tuple[list, list]:
         content.append(Vignette(o["vignette"]))
     if o["intensity"] != "none":
         content.append(IntensityNorm(o["intensity"]))
-    return content, [PadToSquare()] if o["letterbox"] else []
+    return framing, content, [PadToSquare()] if o["letterbox"] else []
 
 
 def describe_harmonise(options: dict | None) -> str:
     """One line for people (the GUI, reports): which steps a run's preprocessing takes."""
     o = {**HARMONISE_DEFAULTS, **(options or {})}
     steps = [
+        f"framed on the fetal head (margin {o['head_margin']:g}{', long axis horizontal' if o['head_rotate'] else ''})"
+        if o["head_frame"]
+        else "",
         "overlays painted over" if o["remove_overlays"] else "",
         "outside the sector blanked" if o["mask_outside_sector"] else "",
         "cropped to the sector" if o["crop_to_sector"] else "",

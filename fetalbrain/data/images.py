@@ -105,5 +105,32 @@ def read_image(path: str | Path) -> tuple[np.ndarray, float]:
         raise ImageReadError(f"{path}: not a readable image ({error})") from error
 
 
+CENTIMETRES = 3  # DICOM's PhysicalUnitsXDirection code for cm
+
+
+def pixel_spacing_mm(path: str | Path) -> tuple[float, float] | None:
+    """(x, y) size of a pixel in mm, for a DICOM that says it: ``PixelSpacing`` (row, column spacing in mm), else
+    the first ultrasound region's ``PhysicalDeltaX``/``Y`` given in cm (the ultrasound module's own calibration).
+    None for other files, or a DICOM without a calibration: a measure then stays in pixels."""
+    path = Path(path)
+    try:
+        if not path.is_file() or not is_dicom(path):
+            return None
+        import pydicom
+
+        dataset = pydicom.dcmread(path, stop_before_pixels=True)
+    except (OSError, ValueError, AttributeError):
+        return None
+    spacing = getattr(dataset, "PixelSpacing", None)
+    if spacing is not None and len(spacing) == 2 and all(float(v) > 0 for v in spacing):
+        return float(spacing[1]), float(spacing[0])
+    for region in getattr(dataset, "SequenceOfUltrasoundRegions", None) or []:
+        units = (getattr(region, "PhysicalUnitsXDirection", None), getattr(region, "PhysicalUnitsYDirection", None))
+        dx, dy = getattr(region, "PhysicalDeltaX", None), getattr(region, "PhysicalDeltaY", None)
+        if units == (CENTIMETRES, CENTIMETRES) and dx and dy and float(dx) > 0 and float(dy) > 0:
+            return abs(float(dx)) * 10.0, abs(float(dy)) * 10.0
+    return None
+
+
 def read_grayscale(path: str | Path) -> np.ndarray:
     return read_image(path)[0]

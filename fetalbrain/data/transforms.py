@@ -43,8 +43,8 @@ def preprocessing(
     """The deterministic steps every image goes through, in training and at inference; the resize is the last."""
     if denoise not in DENOISE_METHODS:
         raise ValueError(f"data.denoise={denoise!r}: choose one of {', '.join(DENOISE_METHODS)}")
-    content, geometry = harmonise_steps(harmonise)
-    steps = ([] if denoise == "none" else [Denoise(denoise, denoise_kernel)]) + content
+    framing, content, geometry = harmonise_steps(harmonise)
+    steps = framing + ([] if denoise == "none" else [Denoise(denoise, denoise_kernel)]) + content
     if clahe:
         steps.append(A.CLAHE(clip_limit=2.0, tile_grid_size=(8, 8), p=1.0))
     steps += geometry

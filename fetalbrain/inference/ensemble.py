@@ -31,7 +31,14 @@ from fetalbrain.data.classes import NORMAL_CLASS
 from fetalbrain.data.images import ImageReadError, read_image
 from fetalbrain.evaluation.calibration import softmax
 from fetalbrain.evaluation.metrics import SHOWN
-from fetalbrain.inference.predictor import BatchScores, Prediction, Predictor, add_warnings, describe_probabilities
+from fetalbrain.inference.predictor import (
+    BatchScores,
+    Prediction,
+    Predictor,
+    add_warnings,
+    describe_probabilities,
+    head_outline,
+)
 from fetalbrain.models.gradcam import overlay
 from fetalbrain.runs.checkpoints import model_paths
 from fetalbrain.runs.choices import RunChoices, run_choices
@@ -82,6 +89,7 @@ class Ensemble:
         verify: bool = True,
         ood: bool = True,
         tta: str | None = None,
+        heads: bool = True,
     ):
         if len(paths) < 2:
             raise ValueError("an ensemble needs at least two checkpoints")
@@ -100,6 +108,7 @@ class Ensemble:
                 verify=verify,
                 ood=ood,
                 tta=tta,
+                heads=heads,
             )
             for p in paths
         ]
@@ -117,6 +126,7 @@ class Ensemble:
         geometry = [{k: v for k, v in m.card["preprocessing"].items() if k not in NOT_GEOMETRY} for m in self.members]
         self.same_geometry = all(g == geometry[0] for g in geometry[1:])
         self.integrity = "; ".join(f"{m.path.parent.parent.name}: {m.integrity}" for m in self.members)
+        self.head_frame, self.head_status = self.members[0].head_frame, self.members[0].head_status  # the first's
         self.ood_detector, self.ood_status = None, ""
         missing = [m for m in self.members if m.ood_detector is None]
         if missing:
@@ -206,6 +216,7 @@ class Ensemble:
             result.error = str(error)
             return result
         outputs = [m.image_outputs(gray) for m in self.members]
+        self.members[0].add_head(result, gray, path)
         probs, abnormal = self._combine([logits for _, _, logits, _ in outputs])
         if self.ood_detector is not None:
             result.ood_score = float(self._ood_score([score for *_, score in outputs]))
@@ -221,6 +232,7 @@ class Ensemble:
         )
         add_warnings(result, self.min_confidence, colour, self.max_colourfulness)
         if heatmap if heatmap is not None else self.heatmaps:
+            result.head_outline = head_outline(gray, result.head)
             first_view, first_batch = outputs[0][0], outputs[0][1]
             if self.same_geometry:  # every view shows the same region: the members' maps line up
                 size = (first_view.shape[1], first_view.shape[0])

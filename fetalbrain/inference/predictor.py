@@ -4,7 +4,10 @@ Every prediction uses the training run's own preprocessing (from the checkpoint)
 fitted on validation (calibrated confidence), the abnormal-vs-normal threshold chosen on validation,
 a Grad-CAM heatmap, and the run's out-of-distribution detector: an input unlike the training images is
 flagged as "not a fetal brain ultrasound" with its score, apart from the low-confidence warning (the model
-unsure between anomalies). Bad files give a per-file error, never an exception that stops a batch.
+unsure between anomalies). The head finder (the run's head frame, or the shipped finder) outlines the fetal head
+with its confidence and, where a DICOM gives the pixel spacing, its circumference in mm; an image in which it
+trusts no head gets no answer either ("no fetal head found", with the reason). Bad files give a per-file error,
+never an exception that stops a batch.
 """
 
 import json
@@ -19,7 +22,8 @@ import pandas as pd
 import torch
 
 from fetalbrain.data.classes import NORMAL_CLASS, display_name
-from fetalbrain.data.images import ImageReadError, read_image
+from fetalbrain.data.head_frame import HeadDecision, HeadFrame
+from fetalbrain.data.images import ImageReadError, pixel_spacing_mm, read_image
 from fetalbrain.data.transforms import build_pipeline, run_preprocessing
 from fetalbrain.data.tta import check_tta, with_tta
 from fetalbrain.evaluation.calibration import softmax
@@ -33,6 +37,7 @@ from fetalbrain.runs.integrity import sha256_file, verify_checkpoint
 log = logging.getLogger(__name__)
 ONNX_METADATA_KEY = "fetalbrain"
 NOT_ULTRASOUND = "Not a fetal brain ultrasound"
+NO_HEAD = "No fetal head found"
 
 
 @dataclass
@@ -54,6 +59,13 @@ class Prediction:
     ood_score: float | None = None
     ood_threshold: float | None = None
     ood_note: str | None = None
+    # The head finder's verdict on the image as given (None without a finder): the skull's ellipse in the image's
+    # pixels, its confidence, and the head circumference (HC18's measure) in pixels, and in mm where a DICOM gives
+    # the pixel spacing; a head it does not trust (not framed) withholds the answer like the OOD check.
+    head: HeadDecision | None = None
+    head_circumference_px: float | None = None
+    head_circumference_mm: float | None = None
+    head_outline: np.ndarray | None = None  # HxWx3 uint8: the image with the found ellipse drawn (with the heatmap)
 
     @property
     def screening_positive(self) -> bool | None:
@@ -73,6 +85,20 @@ class Prediction:
         if not self.out_of_distribution:
             return None
         return f"{NOT_ULTRASOUND} (OOD score {self.ood_score:.3g} above threshold {self.ood_threshold:.3g})"
+
+    @property
+    def no_head(self) -> bool:
+        return self.head is not None and not self.head.framed
+
+    @property
+    def withheld(self) -> list[str]:
+        """Why no anomaly class is given as the answer (empty: it is): not an ultrasound, no fetal head found."""
+        reasons = [self.ood_message] if self.out_of_distribution else []
+        if self.no_head:
+            reason = self.head.reason
+            said = reason.lower().startswith(NO_HEAD.lower())  # "no fetal head found (...)": say it once
+            reasons.append(NO_HEAD + reason[len(NO_HEAD) :] if said else f"{NO_HEAD}: {reason}")
+        return reasons
 
 
 def deployment_metadata(checkpoint: Path, state: dict, screening_rule: str = "youden") -> dict:
@@ -153,6 +179,7 @@ class Predictor:
         verify: bool = True,
         ood: bool = True,
         tta: str | None = None,
+        heads: bool = True,
     ):
         self.path = Path(model_path)
         if not self.path.is_file():
@@ -196,6 +223,34 @@ class Predictor:
         self.view, self.to_tensor = A.Compose(steps[:-1]), build_pipeline(steps[-1:], [], prep["mean"], prep["std"])
         self.class_names = self.card["class_names"]
         self.ood_detector, self.ood_status = self._load_ood_detector(ood)
+        self.head_frame, self.head_status = self._head_finder(steps, heads)
+
+    @staticmethod
+    def _head_finder(steps: list, enabled: bool) -> tuple[HeadFrame | None, str]:
+        """The run's own head frame (its finder, its decisions), else the shipped finder; or None and why not."""
+        framing = next((step for step in steps if isinstance(step, HeadFrame)), None)
+        if framing is not None:
+            return framing, "the run's head frame: the network saw each image framed on its head"
+        if not enabled:
+            return None, "off (heads=false)"
+        frame = HeadFrame()
+        try:
+            frame.load_finder()
+        except (FileNotFoundError, ValueError) as error:
+            return None, f"none: {error}"
+        return frame, "the shipped head finder (this run saw whole frames)"
+
+    def add_head(self, result: Prediction, gray: np.ndarray, path: str | Path) -> None:
+        """The head finder's decision on a decoded image, and for a found head (not one cut by the frame edge) its
+        circumference in pixels and, in a DICOM that gives its pixel spacing, in mm."""
+        if self.head_frame is None:
+            return
+        result.head = self.head_frame.decide(gray)
+        if result.head.found:
+            result.head_circumference_px = result.head.ellipse.circumference
+            spacing = pixel_spacing_mm(path)
+            if spacing:
+                result.head_circumference_mm = result.head.ellipse.scaled(*spacing).circumference
 
     def _load_ood_detector(self, enabled: bool) -> tuple[OODDetector | None, str]:
         """The run's detector, or None and why: predictions then carry no OOD score, and a note.
@@ -298,6 +353,7 @@ class Predictor:
             result.error = str(error)
             return result
         view, batch, logits, result.ood_score = self.image_outputs(gray)
+        self.add_head(result, gray, path)
         if result.ood_score is not None:
             result.ood_threshold = self.ood_detector.threshold
         else:
@@ -315,6 +371,7 @@ class Predictor:
         )
         add_warnings(result, self.min_confidence, colour, self.max_colourfulness)
         if heatmap if heatmap is not None else self.heatmaps:
+            result.head_outline = head_outline(gray, result.head)
             if self.model is None:
                 result.warnings.append("no heatmap: it needs the PyTorch checkpoint, not the ONNX export")
             else:
@@ -326,18 +383,54 @@ class Predictor:
         return [self.predict_file(p, heatmap) for p in paths]
 
 
+def head_outline(gray: np.ndarray, head: HeadDecision | None) -> np.ndarray | None:
+    """The image as given with the finder's ellipse drawn on it (green: found; amber: framed but cut by the frame
+    edge; red: not trusted) and its confidence or reason written above; None without a finder's decision."""
+    import cv2
+
+    if head is None:
+        return None
+    canvas = cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB)
+    colour = (40, 200, 60) if head.found else (240, 170, 0) if head.framed else (230, 40, 40)
+    thickness = max(1, round(max(gray.shape) / 200))
+    if head.ellipse is not None:
+        e = head.ellipse
+        cv2.ellipse(canvas, (round(e.cx), round(e.cy)), (round(e.semi_major), round(e.semi_minor)), e.angle, 0, 360,
+                    colour, thickness, cv2.LINE_AA)  # fmt: skip
+    text = f"head {head.confidence:.2f}" if head.found else (head.reason or "")[:48]
+    scale = max(gray.shape) / 700
+    cv2.putText(canvas, text, (4, max(12, round(22 * scale))), cv2.FONT_HERSHEY_SIMPLEX, max(scale, 0.35), colour,
+                thickness, cv2.LINE_AA)  # fmt: skip
+    return canvas
+
+
+def withheld_name(p: Prediction) -> str | None:
+    """What stands in the answer's place for an image that gets none: not an ultrasound, or no fetal head."""
+    if p.out_of_distribution:
+        return NOT_ULTRASOUND
+    return NO_HEAD if p.no_head else None
+
+
 def predictions_frame(predictions: list[Prediction]) -> pd.DataFrame:
     rows = []
     for p in predictions:
-        ood = p.out_of_distribution
+        withheld = withheld_name(p)
+        head = p.head
         row = {
             "file": p.file,
-            # An image that is not a fetal brain ultrasound gets no anomaly class as an answer.
-            "predicted": None if ood else p.label,
-            "name": NOT_ULTRASOUND if ood else p.name,
-            "out_of_distribution": ood,
+            # An image that is not a fetal brain ultrasound, or shows no fetal head, gets no anomaly class as answer.
+            "predicted": None if withheld else p.label,
+            "name": withheld or p.name,
+            "withheld": "; ".join(p.withheld),
+            "out_of_distribution": p.out_of_distribution,
             "ood_score": p.ood_score,
             "ood_threshold": p.ood_threshold,
+            "head_found": None if head is None else head.found,
+            "head_framed": None if head is None else head.framed,
+            "head_confidence": None if head is None else round(head.confidence, 4),
+            "head_reason": None if head is None else head.reason,
+            "head_circumference_px": p.head_circumference_px,
+            "head_circumference_mm": p.head_circumference_mm,
             "confidence": p.confidence,
             "abnormal_probability": p.abnormal_probability,
             "screening_threshold": p.screening_threshold,

@@ -5,32 +5,22 @@ GUI and ``synth_quality`` check a checkpoint here before loading it, so a change
 carded run is refused. Light on purpose (hashlib and json only): every command imports it first.
 """
 
-import hashlib
 import json
 import logging
 from pathlib import Path
 
+from fetalbrain.project import sha256_file
 from fetalbrain.runs.checkpoints import run_folders
 from fetalbrain.runs.layout import CHECKPOINT_DIR
 
 log = logging.getLogger(__name__)
 
 CARD_JSON = "model_card.json"
-CHUNK = 1 << 20
 OVERRIDE = "Pass verify=false to override."
 
 
 class CheckpointIntegrityError(ValueError):
     """A checkpoint its run's model card does not vouch for: changed since training, or not listed."""
-
-
-def sha256_file(path: str | Path) -> str:
-    """Streamed, so that a checkpoint of any size is hashed in constant memory."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_card(path: Path) -> dict:

@@ -26,6 +26,7 @@ from fetalbrain.training.summary import run_summary
 from fetalbrain.training.tracking import continue_wandb_run, log_report, record_wandb_run
 
 log = logging.getLogger(__name__)
+HEAD_FRAME_FILE = "head_frame.csv"  # with data/harmonise=head: what the frame did with each image, and why
 CSV_LOG_DIR = "csv"  # <run>/csv/version_N/metrics.csv: what logger=csv writes, kept in every run
 CURVES_FILE = "training_curves.png"
 
@@ -131,6 +132,8 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         return summary, {"datamodule": datamodule, "model": model, "trainer": trainer}
     for note in report.notes:
         log.warning("Report: %s", note)
+    if getattr(datamodule, "head_frame", None) is not None:
+        datamodule.head_frame.to_csv(output_dir / HEAD_FRAME_FILE, index=False)
     curves = write_training_curves(trainer, output_dir)
     if curves is not None:
         report.figures["training/curves"] = curves
