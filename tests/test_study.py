@@ -109,8 +109,13 @@ def test_tiny_study_runs_and_summarises(tmp_path):
     assert len(pd.read_csv(results / "ensemble_predictions.csv")) == 16
 
     from_reports = pd.read_csv(results / "run_metrics.csv").set_index("condition")
-    reported = [json.loads((r / "metrics.json").read_text())["metrics"]["test/accuracy"] for r in runs[:2]]
-    assert from_reports.loc["cnn", "mean"] == pytest.approx(np.mean(reported), abs=1e-4)
+    reported = [json.loads((r / "metrics.json").read_text())["metrics"]["test/accuracy"] for r in runs]
+    assert from_reports.loc["cnn", "mean"] == pytest.approx(np.mean(reported[:2]), abs=1e-4)
+    paired = pd.read_csv(results / "run_comparisons.csv")  # the report's metric, paired by fold against cnn
+    assert paired[["metric", "condition", "baseline", "pairs"]].values.tolist() == [
+        ["test/accuracy", "separable", "cnn", 2]
+    ]
+    assert paired["difference"].item() == pytest.approx(np.mean(reported[2:]) - np.mean(reported[:2]), abs=1e-4)
 
     readme = (folder / "README.md").read_text()
     assert "old numbers" not in readme and "**macro F1** (primary)" in readme and "| separable | cnn |" in readme
@@ -184,7 +189,11 @@ def test_statistics_by_definition():
     # corrected resampled t: the textbook numbers (k=5 folds x r=2 repeats, n_test/n_train = 1/4)
     d = np.array([0.02, 0.05, -0.01, 0.04, 0.03, 0.01, 0.06, 0.0, 0.02, 0.03])
     t = d.mean() / np.sqrt((1 / 10 + 0.25) * d.var(ddof=1))
-    assert st.corrected_resampled_t(d, 0.25)["t"] == pytest.approx(t)
+    corrected = st.corrected_resampled_t(d, 0.25)
+    assert corrected["t"] == pytest.approx(t)
+    half = corrected["t_ci_high"] - d.mean()  # the interval the same standard error gives, t(9) at 97.5 %
+    assert half == pytest.approx(2.262157 * np.sqrt((1 / 10 + 0.25) * d.var(ddof=1)), rel=1e-5)
+    assert corrected["t_ci_low"] == pytest.approx(d.mean() - half)
     assert st.holm([0.01, 0.04, 0.03]).tolist() == pytest.approx([0.03, 0.06, 0.06])
     assert st.binomial_against(147, 176, 0.829, 0.95)["p_binomial"] > 0.05  # 0.835 cannot be told from 0.829
     # case bootstrap: resamples whole cases, stays inside [0, 1]

@@ -197,6 +197,33 @@ def run_metric_table(results: Path) -> str:
     return _table(["from each run's report: mean (min–max) over runs", *conditions], rows)
 
 
+def run_comparisons(results: Path) -> str:
+    table = _read(results, "run_comparisons.csv")
+    if not len(table):
+        return "No comparison (one condition).\n"
+    conditions = table["condition"].nunique()
+    rows = [
+        [
+            f"`{r.metric}`",
+            f"{r.condition} − {r.baseline}",
+            str(int(r.pairs)),
+            _with_interval(r.difference, r.t_ci_low, r.t_ci_high),
+            _p(r.p_t),
+            _p(r.p_holm),
+        ]
+        for r in table.itertuples()
+    ]
+    header = [
+        "from each run's report",
+        "difference",
+        "pairs (split seed, fold)",
+        "mean difference [corrected t interval]",
+        "p (corrected t)",
+        f"p (Holm, {_count(conditions, 'comparison')} per metric)",
+    ]
+    return _table(header, rows)
+
+
 def calibration(results: Path) -> str:
     table = _read(results, "calibration.csv")
     rows = [[r.condition, _number(r.accuracy), _number(r.mean_confidence), _number(r.ece)] for r in table.itertuples()]
@@ -228,6 +255,7 @@ BLOCKS: dict[str, tuple[str, str, Callable[[Path], str]]] = {
     "ensembles": ("ensembles.csv", "Ensembles", ensemble_table),
     "calibration": ("calibration.csv", "Calibration (temperature-scaled, mean over replicates)", calibration),
     "run_metrics": ("run_metrics.csv", "From each run's report", run_metric_table),
+    "run_comparisons": ("run_comparisons.csv", "From each run's report, paired against the baseline", run_comparisons),
     "per_class": ("per_class_recall.csv", "Recall per class (case-bootstrap intervals)", per_class),
 }
 

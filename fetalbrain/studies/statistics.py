@@ -140,8 +140,9 @@ def paired_bootstrap(true, probs_a, probs_b, resampler: CaseResampler, metric: s
     return {"difference": value, "ci_low": interval[0], "ci_high": interval[1], "p_bootstrap": p}
 
 
-def corrected_resampled_t(differences, test_train_ratio: float) -> dict:
-    """Nadeau & Bengio's corrected resampled t-test of per-fold differences over repeated cross-validation.
+def corrected_resampled_t(differences, test_train_ratio: float, confidence: float = 0.95) -> dict:
+    """Nadeau & Bengio's corrected resampled t-test of per-fold differences over repeated cross-validation, and the
+    interval of the mean difference it implies (``t_ci_low``/``t_ci_high``).
 
     ``differences``: one per (replicate, fold); ``test_train_ratio``: n_test / n_train of a fold. The correction
     widens the variance for the overlap of the training sets; NaN with fewer than two differences or none varying."""
@@ -149,9 +150,16 @@ def corrected_resampled_t(differences, test_train_ratio: float) -> dict:
     d = d[np.isfinite(d)]
     j = len(d)
     if j < 2 or np.var(d, ddof=1) == 0:
-        return {"t": np.nan, "df": j - 1, "p_t": np.nan}
-    t = d.mean() / np.sqrt((1 / j + test_train_ratio) * np.var(d, ddof=1))
-    return {"t": float(t), "df": j - 1, "p_t": float(2 * stats.t.sf(abs(t), j - 1))}
+        return {"t": np.nan, "df": j - 1, "p_t": np.nan, "t_ci_low": np.nan, "t_ci_high": np.nan}
+    se = np.sqrt((1 / j + test_train_ratio) * np.var(d, ddof=1))
+    t, half = d.mean() / se, stats.t.ppf(0.5 + confidence / 2, j - 1) * se
+    return {
+        "t": float(t),
+        "df": j - 1,
+        "p_t": float(2 * stats.t.sf(abs(t), j - 1)),
+        "t_ci_low": float(d.mean() - half),
+        "t_ci_high": float(d.mean() + half),
+    }
 
 
 def holm(p_values) -> np.ndarray:

@@ -344,6 +344,8 @@ def summarise(study: Study) -> dict[str, pd.DataFrame]:
         tables["published"] = published(study, pools)
     if study.run_metrics:
         tables["run_metrics"] = run_metrics(study, runs)
+        if study.folds:
+            tables["run_comparisons"] = run_metric_comparisons(study, runs)
     return tables
 
 
@@ -364,6 +366,40 @@ def run_metrics(study: Study, runs: list[StudyRun]) -> pd.DataFrame:
                 }
             )
     return pd.DataFrame(rows)
+
+
+def _number_or_nan(value) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else np.nan
+
+
+def run_metric_comparisons(study: Study, runs: list[StudyRun]) -> pd.DataFrame:
+    """Each run metric of each condition against the baseline's, paired by (replicate, fold): the mean difference
+    with the corrected resampled t-test's interval and p, Holm-adjusted over the conditions of each metric. What a
+    study whose endpoint is a run's own report (e.g. the external check) is judged by."""
+    baseline = {(r.replicate, r.fold): r.metrics for r in runs if r.condition == study.baseline}
+    rows = []
+    for key in study.run_metrics:
+        for condition in study.conditions:
+            if condition == study.baseline:
+                continue
+            own = [r for r in runs if r.condition == condition and (r.replicate, r.fold) in baseline]
+            pairs = [(r.metrics.get(key), baseline[(r.replicate, r.fold)].get(key)) for r in own]
+            differences = np.array([_number_or_nan(mine) - _number_or_nan(theirs) for mine, theirs in pairs])
+            ratio = float(np.nanmean([r.test_train_ratio for r in own])) if own else np.nan
+            finite = differences[np.isfinite(differences)]
+            row = {
+                "metric": key,
+                "condition": condition,
+                "baseline": study.baseline,
+                "pairs": len(finite),
+                "difference": float(finite.mean()) if len(finite) else np.nan,
+            }
+            row.update(st.corrected_resampled_t(finite, ratio, study.bootstrap["confidence"]))
+            rows.append(row)
+    table = pd.DataFrame(rows)
+    if len(table):
+        table["p_holm"] = table.groupby("metric", sort=False)["p_t"].transform(lambda p: pd.Series(st.holm(p), p.index))
+    return table
 
 
 def comparisons(study: Study, runs, pools: Pools, compared: dict, resampler) -> pd.DataFrame:
