@@ -352,6 +352,7 @@ def build_card(run_dir: Path, folds: list[Path] | None = None) -> dict:
             "skipped_images": data.get("skipped_images") or [],
             "mix": data_cfg.get("mix"),
             "synthetic": data.get("synthetic"),
+            "head_frame": data.get("head_frame"),
         },
         "classes": summary.get("classes") or [],
         "metrics": {
@@ -516,6 +517,24 @@ def _licence(card: dict) -> list[str]:
     return lines + [""]
 
 
+def _head_frame_section(frame: dict) -> list[str]:
+    """How often the head frame found a head to frame, per class, and why it kept whole frames (head_frame.csv)."""
+    lines = [
+        "### Head frame (`data/harmonise=head`)",
+        "",
+        f"{frame['framed']} of {frame['images']} images framed on their fetal head ({frame['found']} found whole, "
+        "the rest cut by the frame edge); the others kept whole. Per image: `head_frame.csv`.",
+        "",
+    ]
+    lines += _table(
+        ["class", "framed"], [[display_name(c), f"{rate:.0%}"] for c, rate in frame["framed_by_class"].items()]
+    )
+    reasons = frame.get("whole_frame_reasons") or {}
+    if reasons:
+        lines += ["Whole frames kept: " + "; ".join(f"{n}× {reason}" for reason, n in reasons.items()), ""]
+    return lines
+
+
 def render_markdown(card: dict) -> str:
     """A readable rendering of the card: the same facts, in sections and tables."""
     model, data, training = card["model"], card["data"], card["training"]
@@ -570,6 +589,8 @@ def render_markdown(card: dict) -> str:
         lines += ["### Skipped images", "", *[f"- `{p}`" for p in data["skipped_images"]], ""]
     if data.get("synthetic"):
         lines += ["### Synthetic training images", "", *_pairs(data["synthetic"])]
+    if data.get("head_frame"):
+        lines += _head_frame_section(data["head_frame"])
     if card.get("classes"):
         lines += [f"**Classes ({len(card['classes'])}):** " + ", ".join(display_name(c) for c in card["classes"]), ""]
     lines += ["## Metrics", ""]
