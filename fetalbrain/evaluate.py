@@ -117,10 +117,10 @@ def evaluate(cfg: DictConfig, out_dir: Path | None = None) -> dict:
     checkpoints = model_paths(cfg.ckpt, onnx=False) if given else [latest_checkpoint(Path(cfg.paths.log_dir))]
     if len(checkpoints) == 1:  # the run's own probabilities: it chose its thresholds on them (temperature: below)
         checkpoint = checkpoints[0]
-        predictor = Predictor(checkpoint, calibrated=False, heatmaps=False, verify=cfg.verify)
+        predictor = Predictor(checkpoint, calibrated=False, heatmaps=False, verify=cfg.verify, heads=False)
         choices = run_choices(checkpoint)
     else:  # the mean of the members' calibrated probabilities (fetalbrain/inference/ensemble.py)
-        predictor = Ensemble(checkpoints, heatmaps=False, verify=cfg.verify)
+        predictor = Ensemble(checkpoints, heatmaps=False, verify=cfg.verify, heads=False)
         checkpoint, choices = checkpoints[0], predictor.run_choices()
     class_names = list(predictor.class_names)
     data: EvaluationData = read_evaluation_data(cfg.data.root, cfg.data.format, _parts(cfg.data.split), class_names)
