@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fetalbrain.data.ellipses import Ellipse, ellipse_from_mask, ellipse_mask
-from fetalbrain.data.head_frame import HeadFrame, frame_on_head
+from fetalbrain.data.head_frame import SHARED_DECISIONS, HeadFrame, frame_on_head
 from fetalbrain.data.head_outlines import ellipse_of, read_heads
 from fetalbrain.data.images import read_grayscale
 from fetalbrain.data.transforms import preprocessing
@@ -43,6 +43,7 @@ def test_real_heads_are_framed_and_remembered(tmp_path):
     asks the finder nothing."""
     table = read_heads(HEADS).sort_values("head_width_fraction")
     rows = list(table.iloc[[0, len(table) // 2, -1]].itertuples())
+    SHARED_DECISIONS.clear()
     frame = HeadFrame(margin=0.15)
     shares = []
     for row in rows:
@@ -62,8 +63,9 @@ def test_real_heads_are_framed_and_remembered(tmp_path):
 
     frame._finder = NoFinder()
     assert frame.decide(read_grayscale(rows[0].path)).framed
+    assert HeadFrame(margin=0.3).decide(read_grayscale(rows[0].path)).framed  # shared in the process, not per frame
+    SHARED_DECISIONS.clear()  # a new process: only the cache file remembers
     again = HeadFrame(margin=0.15, finder_sha256=frame.finder_sha256)
-    again.load_finder()
     again._finder = NoFinder()
     again.read_cache(tmp_path)
     assert [again.decide(read_grayscale(row.path)) for row in rows] == [

@@ -31,6 +31,9 @@ from fetalbrain.data.ellipses import Ellipse
 
 log = logging.getLogger(__name__)
 CUT = "the head is cut by the frame edge"
+# Decisions by (finder SHA256, accept_cut), shared by every head frame of a process: a run's data set-up, its
+# report's OOD fit and external check and its predictor see the same images through separate pipelines.
+SHARED_DECISIONS: dict[tuple[str, bool], dict] = {}
 
 
 @dataclass(frozen=True)
@@ -114,13 +117,14 @@ class HeadFrame(A.ImageOnlyTransform):
             raise ValueError(f"data.harmonise.head_finder={finder!r}: 'shipped' or the path of a finder checkpoint")
         self.finder, self.margin, self.rotate, self.accept_cut = finder, float(margin), rotate, accept_cut
         self.finder_sha256 = finder_sha256
-        self._finder = None
+        self._finder, self._path = None, None
         self.decisions: dict[str, HeadDecision] = {}
 
-    def load_finder(self):
-        """The finder, loaded once (and checked against ``finder_sha256``)."""
-        if self._finder is None:
-            from fetalbrain.data.head_finding import load_head_finder, resolve_finder
+    def check_finder(self) -> Path:
+        """The finder's file, once checked against ``finder_sha256`` (before any decision, remembered or not); from
+        then on this frame shares the decisions of every frame with the same finder in the process."""
+        if self._path is None:
+            from fetalbrain.data.head_finding import resolve_finder
             from fetalbrain.project import sha256_file
 
             path = resolve_finder(self.finder)
@@ -131,11 +135,22 @@ class HeadFrame(A.ImageOnlyTransform):
                     f"trained with a finder of SHA256 {self.finder_sha256[:12]}…: another finder frames heads "
                     "differently, so the run's preprocessing cannot be reproduced with it"
                 )
-            self.finder_sha256 = digest
-            self._finder = load_head_finder(path)
+            self.finder_sha256, self._path = digest, path
+            shared = SHARED_DECISIONS.setdefault((digest, self.accept_cut), {})
+            shared.update(self.decisions)
+            self.decisions = shared
+        return self._path
+
+    def load_finder(self):
+        """The finder, loaded once (and checked)."""
+        if self._finder is None:
+            from fetalbrain.data.head_finding import load_head_finder
+
+            self._finder = load_head_finder(self.check_finder())
         return self._finder
 
     def decide(self, image: np.ndarray) -> HeadDecision:
+        self.check_finder()
         key = image_key(image)
         if key not in self.decisions:
             finder = self.load_finder()
@@ -150,7 +165,7 @@ class HeadFrame(A.ImageOnlyTransform):
 
     # ---- decisions kept between runs (a JSON file per finder) ----------------------------------------------------
     def cache_file(self, folder: str | Path) -> Path:
-        self.load_finder()
+        self.check_finder()
         return Path(folder) / f"{self.finder_sha256[:16]}_{int(self.accept_cut)}.json"
 
     def read_cache(self, folder: str | Path) -> None:
@@ -180,7 +195,7 @@ class HeadFrame(A.ImageOnlyTransform):
 
     def __getstate__(self):  # loader workers and DDP processes get the decisions; the net loads again if needed
         state = self.__dict__.copy()
-        state["_finder"] = None
+        state["_finder"], state["decisions"] = None, dict(self.decisions)
         return state
 
     def get_transform_init_args_names(self):
