@@ -8,9 +8,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from fetalbrain.data.harmonise import IntensityNorm, PadToSquare, RemoveOverlays, Sector, Vignette, sector_mask
 from fetalbrain.data.head_finding import SHIPPED_FINDER
+from fetalbrain.data.head_frame import SHARED_DECISIONS
 from fetalbrain.data.images import read_grayscale
 from fetalbrain.data.transforms import preprocessing
 from fetalbrain.project import sha256_file
@@ -133,8 +135,12 @@ def test_the_harmonised_pipeline_gives_identical_tensors_in_training_predict_and
     card = (checkpoint.parent.parent / "model_card.md").read_text()
     assert "### Head frame (`data/harmonise=head`)" in card
     assert f"{int(framed['framed'].sum())} of {len(framed)} images framed on their fetal head" in card
+    config = OmegaConf.load(checkpoint.parent.parent / "config.yaml")  # what a resumed run checks its finder against
+    assert config.data.harmonise.head_finder_sha256 == sha256_file(SHIPPED_FINDER)
+    assert set(summary["data"]["head_frame"]["found_by_class"]) == set(datamodule.table["label"])
     by_class = summary["data"]["head_frame"]["framed_by_class"]
     assert set(by_class) == set(datamodule.table["label"]) and all(0 <= v <= 1 for v in by_class.values())
+    SHARED_DECISIONS.clear()  # the predictors find each head themselves, as in another process
     predictors = [Predictor(checkpoint, heatmaps=False), Predictor(export(checkpoint, "onnx", tmp_path / "m.onnx"))]
     chosen = {}  # (part, index) of a framed image and of a whole frame kept, from the parts that are not augmented
     for part in ("val", "test"):

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from fetalbrain.data.ellipses import Ellipse, ellipse_from_mask, ellipse_mask
-from fetalbrain.data.head_frame import SHARED_DECISIONS, HeadFrame, frame_on_head
+from fetalbrain.data.head_finding import CUT, FoundHead
+from fetalbrain.data.head_frame import SHARED_DECISIONS, HeadFrame, decide, frame_on_head
 from fetalbrain.data.head_outlines import ellipse_of, read_heads
 from fetalbrain.data.images import read_grayscale
 from fetalbrain.data.transforms import preprocessing
@@ -63,7 +64,9 @@ def test_real_heads_are_framed_and_remembered(tmp_path):
 
     frame._finder = NoFinder()
     assert frame.decide(read_grayscale(rows[0].path)).framed
-    assert HeadFrame(margin=0.3).decide(read_grayscale(rows[0].path)).framed  # shared in the process, not per frame
+    wider = HeadFrame(margin=0.3)
+    wider._finder = NoFinder()
+    assert wider.decide(read_grayscale(rows[0].path)).framed  # shared in the process, not per frame
     SHARED_DECISIONS.clear()  # a new process: only the cache file remembers
     again = HeadFrame(margin=0.15, finder_sha256=frame.finder_sha256)
     again._finder = NoFinder()
@@ -94,6 +97,9 @@ def test_no_trusted_head_keeps_the_whole_frame_with_its_reason():
     decision = frame.decide(np.ascontiguousarray(cut))
     assert decision.framed and not decision.found and "cut by the frame edge" in decision.reason
     assert not HeadFrame(accept_cut=False).decide(np.ascontiguousarray(cut)).framed
+    guessed = FoundHead(False, CUT, Ellipse(10.0, 10.0, 400.0, 300.0, 0.0), 0.9)  # a sliver extrapolated far out
+    refused = decide(guessed, True, 0.5, (100, 120))
+    assert not refused.framed and "far larger than the image" in refused.reason
 
 
 def test_bad_head_frame_settings_and_another_finder_are_refused_by_name(tmp_path):

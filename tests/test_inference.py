@@ -115,6 +115,9 @@ def test_the_fetal_head_is_outlined_and_measured_in_mm_where_a_dicom_says_its_pi
     for path in (spaced, calibrated):
         result = predictor.predict_file(path, heatmap=False)
         assert result.head_circumference_mm == pytest.approx(0.2 * result.head_circumference_px, rel=1e-3), path
+    malformed = write_dicom(tmp_path / "one_value.dcm", gray.astype(np.uint16), PixelSpacing=0.2)
+    result = predictor.predict_file(malformed, heatmap=False)  # no calibration: the measure stays in pixels
+    assert result.error is None and result.head_circumference_mm is None and result.head_circumference_px
     black = tmp_path / "black.png"
     Image.fromarray(np.zeros((120, 160), np.uint8)).save(black)
     frame = predictions_frame([plain, predictor.predict_file(black, heatmap=False)])
@@ -128,7 +131,10 @@ def test_colour_photographs_and_bad_files_are_flagged_not_answered(predictor, tm
     photo = tmp_path / "holiday.jpg"
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (120, 160, 3), dtype=np.uint8)).save(photo)
-    assert any("colour image" in w for w in predictor.predict_file(photo, heatmap=False).warnings)
+    result = predictor.predict_file(photo, heatmap=False)
+    assert any("colour image" in w for w in result.warnings)
+    assert not result.head.framed and result.head.reason.startswith("a colour image")  # no head looked for
+    assert any("No fetal head found: a colour image" in reason for reason in result.withheld)
     bad = bad_files(tmp_path / "bad")
     results = predictor.predict_files([REAL[0], *bad.values(), REAL[1]], heatmap=False)
     assert results[0].error is None and results[-1].error is None  # the good ones are still predicted

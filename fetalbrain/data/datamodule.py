@@ -220,6 +220,7 @@ class FetalBrainDataModule(L.LightningDataModule):
             "framed": int(table["framed"].sum()),
             "found": int(table["found"].sum()),
             "framed_by_class": {k: float(v) for k, v in table.groupby("label")["framed"].mean().items()},
+            "found_by_class": {k: float(v) for k, v in table.groupby("label")["found"].mean().items()},
             "whole_frame_reasons": {k: int(v) for k, v in kept.items()},
             "finder_sha256": self.hparams.harmonise.get("head_finder_sha256"),
         }

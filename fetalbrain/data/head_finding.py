@@ -18,6 +18,7 @@ from fetalbrain.data.ellipses import Ellipse, ellipse_from_mask, ellipse_mask
 from fetalbrain.project import PROJECT_ROOT, sha256_file
 
 MIN_SIDE = 16  # pixels: below this an image holds no head the finder could see
+CUT = "the head is cut by the frame edge"  # the reason the head frame may still frame on (data.harmonise)
 MIN_STD = 1.0  # grey levels: a flatter image holds no echoes (the net would still draw a blob on a black frame)
 SHIPPED_FINDER = PROJECT_ROOT / "data" / "head-finder" / "head_finder.pt"  # with head_finder.sha256 and .md (its card)
 
@@ -72,7 +73,7 @@ def judge_probability(probability: np.ndarray, options) -> FoundHead:
     agreement = float((fitted & region).sum() / max((fitted | region).sum(), 1))
     confidence = float(probability[region].mean()) * agreement
     if touches_edge(region, ellipse, options.edge_margin):
-        return FoundHead(False, "the head is cut by the frame edge", ellipse, confidence, probability)
+        return FoundHead(False, CUT, ellipse, confidence, probability)
     if confidence < options.min_confidence:
         return FoundHead(
             False,

@@ -28,12 +28,16 @@ import cv2
 import numpy as np
 
 from fetalbrain.data.ellipses import Ellipse
+from fetalbrain.data.head_finding import CUT
 
 log = logging.getLogger(__name__)
-CUT = "the head is cut by the frame edge"
+# The rules that turn a finder's answer into a decision (here and in fetalbrain.data.head_finding) have a version:
+# a change to them must not meet decisions remembered under the old ones (the cache file's name carries it).
+DECISION_VERSION = 1
+MAX_SIDE_RATIO = 3.0  # a frame more than this many times the image's longest side: an ellipse guessed past the edge
 # Decisions by (finder SHA256, accept_cut), shared by every head frame of a process: a run's data set-up, its
 # report's OOD fit and external check and its predictor see the same images through separate pipelines.
-SHARED_DECISIONS: dict[tuple[str, bool], dict] = {}
+SHARED_DECISIONS: dict[tuple[str, bool, int], dict] = {}
 
 
 @dataclass(frozen=True)
@@ -55,18 +59,24 @@ class HeadDecision:
     def from_row(cls, row: dict) -> "HeadDecision":
         values = [row.get(column) for column in HEAD_COLUMNS]
         ellipse = Ellipse(*map(float, values)) if all(v is not None and v == v for v in values) else None
-        return cls(bool(row["framed"]), bool(row["found"]), str(row["reason"]), float(row["confidence"]), ellipse)
+        if not isinstance(row["framed"], bool) or not isinstance(row["found"], bool) or (row["framed"] and not ellipse):
+            raise ValueError(f"not a head-frame decision: {row}")
+        return cls(row["framed"], row["found"], str(row["reason"]), float(row["confidence"]), ellipse)
 
 
 HEAD_COLUMNS = [f"head_{name}" for name in ("cx", "cy", "semi_major", "semi_minor", "angle")]
 
 
-def decide(head, accept_cut: bool, min_confidence: float) -> HeadDecision:
+def decide(head, accept_cut: bool, min_confidence: float, shape: tuple[int, int]) -> HeadDecision:
     """A ``FoundHead`` as a framing decision: frame on a found head, and on one cut by the frame edge (with
-    ``accept_cut``, when the finder is as confident of it as of a found one); else keep the whole frame."""
+    ``accept_cut``, when the finder is as confident of it as of a found one, and its ellipse is not far larger than
+    the image); else keep the whole frame."""
     if head.found:
         return HeadDecision(True, True, "", head.confidence, head.ellipse)
     if accept_cut and head.ellipse is not None and head.reason == CUT and head.confidence >= min_confidence:
+        if 2 * head.ellipse.semi_major > MAX_SIDE_RATIO * max(shape):
+            return HeadDecision(False, False, f"{CUT}, its ellipse far larger than the image", head.confidence,
+                                head.ellipse)  # fmt: skip
         return HeadDecision(True, False, f"framed on a head that {CUT.removeprefix('the head ')}", head.confidence,
                             head.ellipse)  # fmt: skip
     return HeadDecision(False, False, head.reason, head.confidence, head.ellipse)  # the whole frame kept
@@ -136,7 +146,7 @@ class HeadFrame(A.ImageOnlyTransform):
                     "differently, so the run's preprocessing cannot be reproduced with it"
                 )
             self.finder_sha256, self._path = digest, path
-            shared = SHARED_DECISIONS.setdefault((digest, self.accept_cut), {})
+            shared = SHARED_DECISIONS.setdefault((digest, self.accept_cut, DECISION_VERSION), {})
             shared.update(self.decisions)
             self.decisions = shared
         return self._path
@@ -154,7 +164,7 @@ class HeadFrame(A.ImageOnlyTransform):
         key = image_key(image)
         if key not in self.decisions:
             finder = self.load_finder()
-            self.decisions[key] = decide(finder(image), self.accept_cut, finder.options.min_confidence)
+            self.decisions[key] = decide(finder(image), self.accept_cut, finder.options.min_confidence, image.shape[:2])
         return self.decisions[key]
 
     def apply(self, img: np.ndarray, **params) -> np.ndarray:
@@ -166,7 +176,7 @@ class HeadFrame(A.ImageOnlyTransform):
     # ---- decisions kept between runs (a JSON file per finder) ----------------------------------------------------
     def cache_file(self, folder: str | Path) -> Path:
         self.check_finder()
-        return Path(folder) / f"{self.finder_sha256[:16]}_{int(self.accept_cut)}.json"
+        return Path(folder) / f"{self.finder_sha256[:16]}_{int(self.accept_cut)}_v{DECISION_VERSION}.json"
 
     def read_cache(self, folder: str | Path) -> None:
         path = self.cache_file(folder)
@@ -175,23 +185,32 @@ class HeadFrame(A.ImageOnlyTransform):
         except (OSError, ValueError) as error:  # a damaged cache costs a recomputation, nothing else
             log.warning("Head-frame cache %s unreadable (%s): the finder runs again", path, error)
             stored = {}
+        damaged = 0
         for key, row in stored.items():
-            self.decisions.setdefault(key, HeadDecision.from_row(row))
+            try:
+                self.decisions.setdefault(key, HeadDecision.from_row(row))
+            except (KeyError, TypeError, ValueError):
+                damaged += 1
+        if damaged:
+            log.warning("Head-frame cache %s: %d damaged entries left out (found again)", path, damaged)
 
     def write_cache(self, folder: str | Path) -> None:
         """Merge this frame's decisions into the cache file, written whole or not at all (a temporary file renamed
         into place: two runs writing at once leave one of them, never a torn file)."""
         path = self.cache_file(folder)
-        path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            stored = json.loads(path.read_text()) if path.is_file() else {}
-        except (OSError, ValueError):
-            stored = {}
-        stored.update({key: decision.as_row() for key, decision in self.decisions.items()})
-        handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(handle, "w") as f:
-            json.dump(stored, f)
-        os.replace(temporary, path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                stored = json.loads(path.read_text()) if path.is_file() else {}
+            except (OSError, ValueError):
+                stored = {}
+            stored.update({key: decision.as_row() for key, decision in self.decisions.items()})
+            handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+            with os.fdopen(handle, "w") as f:
+                json.dump(stored, f)
+            os.replace(temporary, path)
+        except OSError as error:  # a read-only folder costs the next run a recomputation, not this run
+            log.warning("Head-frame cache %s not written (%s): the next run finds the heads again", path, error)
 
     def __getstate__(self):  # loader workers and DDP processes get the decisions; the net loads again if needed
         state = self.__dict__.copy()

@@ -121,14 +121,19 @@ def pixel_spacing_mm(path: str | Path) -> tuple[float, float] | None:
         dataset = pydicom.dcmread(path, stop_before_pixels=True)
     except (OSError, ValueError, AttributeError):
         return None
-    spacing = getattr(dataset, "PixelSpacing", None)
-    if spacing is not None and len(spacing) == 2 and all(float(v) > 0 for v in spacing):
-        return float(spacing[1]), float(spacing[0])
-    for region in getattr(dataset, "SequenceOfUltrasoundRegions", None) or []:
-        units = (getattr(region, "PhysicalUnitsXDirection", None), getattr(region, "PhysicalUnitsYDirection", None))
-        dx, dy = getattr(region, "PhysicalDeltaX", None), getattr(region, "PhysicalDeltaY", None)
-        if units == (CENTIMETRES, CENTIMETRES) and dx and dy and float(dx) > 0 and float(dy) > 0:
-            return abs(float(dx)) * 10.0, abs(float(dy)) * 10.0
+    try:  # a malformed tag (one value, text) is no calibration, never an error
+        spacing = getattr(dataset, "PixelSpacing", None)
+        if isinstance(spacing, (list, tuple, pydicom.multival.MultiValue)) and len(spacing) == 2:
+            rows, columns = float(spacing[0]), float(spacing[1])
+            if rows > 0 and columns > 0:
+                return columns, rows
+        for region in getattr(dataset, "SequenceOfUltrasoundRegions", None) or []:
+            units = (getattr(region, "PhysicalUnitsXDirection", None), getattr(region, "PhysicalUnitsYDirection", None))
+            dx, dy = getattr(region, "PhysicalDeltaX", None), getattr(region, "PhysicalDeltaY", None)
+            if units == (CENTIMETRES, CENTIMETRES) and dx and dy and float(dx) != 0 and float(dy) != 0:
+                return abs(float(dx)) * 10.0, abs(float(dy)) * 10.0
+    except (TypeError, ValueError, AttributeError):
+        return None
     return None
 
 

@@ -526,8 +526,13 @@ def _head_frame_section(frame: dict) -> list[str]:
         "the rest cut by the frame edge); the others kept whole. Per image: `head_frame.csv`.",
         "",
     ]
+    found = frame.get("found_by_class") or {}
     lines += _table(
-        ["class", "framed"], [[display_name(c), f"{rate:.0%}"] for c, rate in frame["framed_by_class"].items()]
+        ["class", "framed", "found whole"],
+        [
+            [display_name(c), f"{rate:.0%}", f"{found[c]:.0%}" if c in found else "–"]
+            for c, rate in frame["framed_by_class"].items()
+        ],
     )
     reasons = frame.get("whole_frame_reasons") or {}
     if reasons:

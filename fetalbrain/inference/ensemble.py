@@ -108,9 +108,9 @@ class Ensemble:
                 verify=verify,
                 ood=ood,
                 tta=tta,
-                heads=heads,
+                heads=heads and i == 0,  # one finder answers for the ensemble: the first member's
             )
-            for p in paths
+            for i, p in enumerate(paths)
         ]
         self.calibrated = calibrated
         self.min_confidence, self.max_colourfulness, self.heatmaps = min_confidence, max_colourfulness, heatmaps
@@ -216,7 +216,7 @@ class Ensemble:
             result.error = str(error)
             return result
         outputs = [m.image_outputs(gray) for m in self.members]
-        self.members[0].add_head(result, gray, path)
+        self.members[0].add_head(result, gray, path, colour)
         probs, abnormal = self._combine([logits for _, _, logits, _ in outputs])
         if self.ood_detector is not None:
             result.ood_score = float(self._ood_score([score for *_, score in outputs]))

@@ -227,12 +227,16 @@ class Predictor:
 
     @staticmethod
     def _head_finder(steps: list, enabled: bool) -> tuple[HeadFrame | None, str]:
-        """The run's own head frame (its finder, its decisions), else the shipped finder; or None and why not."""
+        """The run's own head frame (its finder, its decisions), else the shipped finder; or None and why not. The
+        run's frame is checked now: a finder other than the one the run was trained with is refused before any image.
+        ``heads=false`` turns off the outline and the withholding, not the run's own framing (its preprocessing)."""
         framing = next((step for step in steps if isinstance(step, HeadFrame)), None)
         if framing is not None:
-            return framing, "the run's head frame: the network saw each image framed on its head"
+            framing.check_finder()
         if not enabled:
-            return None, "off (heads=false)"
+            return None, "off (heads=false)" + (": the images are still framed on their head" if framing else "")
+        if framing is not None:
+            return framing, "the run's head frame: the network saw each image framed on its head"
         frame = HeadFrame()
         try:
             frame.load_finder()
@@ -240,10 +244,15 @@ class Predictor:
             return None, f"none: {error}"
         return frame, "the shipped head finder (this run saw whole frames)"
 
-    def add_head(self, result: Prediction, gray: np.ndarray, path: str | Path) -> None:
+    def add_head(self, result: Prediction, gray: np.ndarray, path: str | Path, colour: float = 0.0) -> None:
         """The head finder's decision on a decoded image, and for a found head (not one cut by the frame edge) its
-        circumference in pixels and, in a DICOM that gives its pixel spacing, in mm."""
+        circumference in pixels and, in a DICOM that gives its pixel spacing, in mm. A colour picture (above the
+        colourfulness the warnings allow) is no ultrasound frame: no head is looked for in its grey version."""
         if self.head_frame is None:
+            return
+        if colour > self.max_colourfulness:
+            reason = f"a colour image (colourfulness {colour:.1f} > {self.max_colourfulness:g}): no ultrasound frame"
+            result.head = HeadDecision(False, False, reason)
             return
         result.head = self.head_frame.decide(gray)
         if result.head.found:
@@ -353,7 +362,7 @@ class Predictor:
             result.error = str(error)
             return result
         view, batch, logits, result.ood_score = self.image_outputs(gray)
-        self.add_head(result, gray, path)
+        self.add_head(result, gray, path, colour)
         if result.ood_score is not None:
             result.ood_threshold = self.ood_detector.threshold
         else:

@@ -87,6 +87,16 @@ def build(cfg: DictConfig):
     return datamodule, model, trainer
 
 
+def record_head_finder(cfg: DictConfig, datamodule, output_dir: Path) -> None:
+    """The head finder's SHA256 (known once the data are set up) into the run's config.yaml, so that a resumed run
+    frames its images with the same finder or refuses another by name."""
+    harmonise = getattr(datamodule.hparams, "harmonise", None) or {}
+    digest = harmonise.get("head_finder_sha256")
+    if digest and OmegaConf.select(cfg, "data.harmonise.head_finder_sha256") != digest:
+        OmegaConf.update(cfg, "data.harmonise.head_finder_sha256", digest, force_add=True)
+        OmegaConf.save(cfg, output_dir / CONFIG_FILE, resolve=True)
+
+
 def write_training_curves(trainer, run_dir: Path) -> Path | None:
     """``training_curves.png`` from the run's CSV logs (loss, macro F1, learning rate per epoch; a resumed run has
     one log per start), before the model card that shows it. None without a log or an epoch in it, or when the
@@ -118,6 +128,8 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     else:  # the run's config.yaml stays as it started
         continue_wandb_run(cfg, output_dir)
     datamodule, model, trainer = build(cfg)
+    if cfg.get("resume") is None and rank_zero_only.rank == 0:
+        record_head_finder(cfg, datamodule, output_dir)
     record_wandb_run(trainer.loggers, output_dir)
     ckpt_path = str(resume_checkpoint(output_dir)) if cfg.get("resume") is not None else cfg.get("ckpt_path")
     with ranks(trainer, cfg, output_dir):
