@@ -15,7 +15,8 @@ from fetalbrain.compare import compare
 from fetalbrain.studies import statistics as st
 from fetalbrain.studies.readme import blocks_in, stale_blocks, write_readme
 from fetalbrain.studies.spec import EXPERIMENTS_DIR, StudyError, load_study
-from tests.conftest import TINY, run_cli, train_config
+from fetalbrain.study import main as study_main
+from tests.conftest import ROOT, TINY, train_config
 
 TINY_STUDY = [o for o in TINY if "limit_" not in o and "max_epochs" not in o and not o.startswith("logger=")] + [
     "logger=wandb",  # offline: each job of an in-process multirun must be its own W&B run
@@ -52,14 +53,15 @@ def write_study(folder: Path, **changes) -> Path:
     return folder / "study.yaml"
 
 
-def test_tiny_study_runs_and_summarises(tmp_path):
+def test_tiny_study_runs_and_summarises(tmp_path, capsys, monkeypatch):
     folder = tmp_path / "tiny"
     study_file = write_study(folder)
     (folder / "README.md").write_text(
         "# Tiny\n\n<!-- generated:headline -->\nold numbers\n<!-- /generated:headline -->\n\n"
         "<!-- generated:comparisons -->\n<!-- /generated:comparisons -->\n"
     )
-    run_cli("study", str(study_file))
+    monkeypatch.chdir(ROOT)  # the runner in this process, as `python -m fetalbrain.study` from the repository
+    assert study_main([str(study_file)]) == 0  # its multiruns are processes of their own
     runs = sorted(p.parent for p in (folder / "runs").rglob("metrics.json"))
     assert [r.parent.name for r in runs] == ["cnn", "cnn", "separable", "separable"]  # 2 conditions x 2 folds
     assert all((r / "val_predictions.csv").is_file() for r in runs)
@@ -140,10 +142,11 @@ def test_tiny_study_runs_and_summarises(tmp_path):
     assert list((out / "wandb").glob("offline-run-*"))
 
     # started again: every job is finished, nothing is launched; summarising alone rewrites the same numbers
-    again = run_cli("study", str(study_file), "--dry-run")
-    assert "fetalbrain.train" not in again.stdout
+    capsys.readouterr()
+    assert study_main([str(study_file), "--dry-run"]) == 0
+    assert "fetalbrain.train" not in capsys.readouterr().out
     before = (results / "pooled.csv").read_text()
-    run_cli("study", str(study_file), "--summarise")
+    assert study_main([str(study_file), "--summarise"]) == 0
     assert (results / "pooled.csv").read_text() == before
 
 
