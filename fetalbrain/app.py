@@ -208,16 +208,14 @@ def scores(p: Prediction) -> dict[str, float] | str:
 
 
 def results_table(predictions: list[Prediction]):
-    table = predictions_frame(predictions)[TABLE_COLUMNS].assign(file=lambda f: f["file"].map(lambda x: Path(x).name))
-    frame = predictions_frame(predictions)
-    for column in OOD_COLUMNS + HEAD_COLUMNS:
-        table[column] = frame[column]
+    """The predictions' table; an image with no answer (not an ultrasound, no fetal head) shows why in ``name`` and
+    no classifier output beside it."""
+    table = predictions_frame(predictions)[TABLE_COLUMNS + OOD_COLUMNS + HEAD_COLUMNS].copy()
+    table["file"] = table["file"].map(lambda x: Path(x).name)
     flagged = np.array([bool(p.withheld) for p in predictions], dtype=bool)
-    table["name"] = table["name"].astype(object)
-    table.loc[flagged, "name"] = [withheld_name(p) for p in predictions if p.withheld]
     table[CLASSIFIER_COLUMNS] = table[CLASSIFIER_COLUMNS].astype(object)
     table.loc[flagged, CLASSIFIER_COLUMNS] = None
-    return table[TABLE_COLUMNS + OOD_COLUMNS + HEAD_COLUMNS]
+    return table
 
 
 def respond(predictor: Predictor | Ensemble, paths: list[str]) -> tuple:
