@@ -1,11 +1,15 @@
-"""Generate synthetic images: ``python -m fetalbrain.generate ckpt=… num=64 class=<name>|all out=DIR seed=…``.
+"""Generate synthetic images: ``python -m fetalbrain.generate ckpt=… num=64 class=<name>|all|abnormal out=DIR``.
 
 Writes ``<out>/<class>/<class>_s<seed>_<i>.png`` (8-bit grey, the generator's image size), then
 ``manifest.csv`` (file, class, seed, index), ``manifest.json`` (generator checkpoint, its SHA256,
-the run and split it was trained on) and ``generator_train_images.csv`` (every real image the
-generator saw, so that ``data.mix`` can refuse a generator that saw a run's test part). The same
-checkpoint and seed give the same images; each class draws from its own seed, so ``class=X`` gives
+the run and split it was trained on, the classes and how many of each) and ``generator_train_images.csv``
+(every real image the generator saw, so that ``data.mix`` can refuse a generator that saw a run's test part).
+The same checkpoint and seed give the same images; each class draws from its own seed, so ``class=X`` gives
 the same images as the ``X`` rows of ``class=all``.
+
+``class=abnormal`` is the binary conditioning of screening studies: ``num`` images in all, drawn from the
+anomaly classes in their proportions in the generator's training part (largest remainders), so that
+"abnormal" means what it meant in the data; each image keeps its own anomaly class in the manifest.
 """
 
 import logging
@@ -19,7 +23,7 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image
 
-from fetalbrain.data.classes import display_name
+from fetalbrain.data.classes import NORMAL_CLASS, display_name
 from fetalbrain.data.synthetic import GENERATOR_TRAIN_IMAGES, MANIFEST_CSV, MANIFEST_JSON
 from fetalbrain.models.gan import TRAIN_IMAGES_FILE, load_gan
 from fetalbrain.progress import track
@@ -30,14 +34,20 @@ from fetalbrain.runs.layout import read_summary, write_json
 log = logging.getLogger(__name__)
 
 
+ABNORMAL = "abnormal"
+
+
 def resolve_classes(requested: str, class_names: list[str]) -> list[str]:
-    """``all``, a label or a clinical name; anything else is an error listing what is valid."""
+    """``all``, ``abnormal`` (every class but normal), a label or a clinical name; anything else is an error
+    listing what is valid."""
     if requested == "all":
         return list(class_names)
+    if requested == ABNORMAL and ABNORMAL not in class_names:
+        return [c for c in class_names if c != NORMAL_CLASS]
     by_name = {display_name(c).lower(): c for c in class_names} | {c.lower(): c for c in class_names}
     if str(requested).lower() not in by_name:
         raise ValueError(
-            f"class={requested!r} is not a class of this generator. Valid: all, "
+            f"class={requested!r} is not a class of this generator. Valid: all, {ABNORMAL}, "
             + ", ".join(f"{c} ({display_name(c)})" for c in class_names)
         )
     return [by_name[str(requested).lower()]]
@@ -45,6 +55,21 @@ def resolve_classes(requested: str, class_names: list[str]) -> list[str]:
 
 def class_seed(seed: int, index: int) -> int:
     return seed * 1000 + index
+
+
+def images_per_class(requested: str, chosen: list[str], num: int, train_labels: pd.Series) -> dict[str, int]:
+    """``num`` of each chosen class, or for ``abnormal`` ``num`` in all, shared by the classes' counts in the
+    generator's training part (largest remainders: the total is exactly ``num``)."""
+    if requested != ABNORMAL:
+        return dict.fromkeys(chosen, num)
+    counts = train_labels.value_counts().reindex(chosen, fill_value=0)
+    if counts.sum() == 0:
+        raise ValueError(f"class={ABNORMAL}: the generator's training part holds no abnormal image")
+    exact = counts / counts.sum() * num
+    share = exact.astype(int)
+    remainders = (exact - share).sort_values(ascending=False, kind="stable")
+    share[remainders.index[: num - int(share.sum())]] += 1
+    return {label: int(n) for label, n in share.items() if n > 0}
 
 
 def prepare_output(out: Path, overwrite: bool) -> None:
@@ -82,12 +107,13 @@ def generate(
             f"{seen}: the generator run does not list the images it was trained on, so a mix could not be "
             "checked for leakage; generate from a run trained by python -m fetalbrain.train model=wgan_gp"
         )
+    counts = images_per_class(classes, chosen, num, pd.read_csv(seen)["label"])
     prepare_output(out, overwrite)
     rows = []
-    for label in track(chosen, f"Generating {num} images per class"):
+    for label, count in track(list(counts.items()), f"Generating {sum(counts.values())} images"):
         index = gan.hparams.class_names.index(label)
         s = class_seed(seed, index)
-        images = gan.generate(torch.full((num,), index, dtype=torch.long), seed=s, batch_size=batch_size)
+        images = gan.generate(torch.full((count,), index, dtype=torch.long), seed=s, batch_size=batch_size)
         (out / label).mkdir(exist_ok=True)
         for i, image in enumerate(images):
             file = f"{label}/{label}_s{s}_{i:04d}.png"
@@ -106,8 +132,10 @@ def generate(
             "generator_run": str(run_dir),
             "split": summary.get("data", {}).get("split"),
             "image_size": gan.hparams.preprocessing["image_size"],
-            "classes": chosen,
-            "num_per_class": num,
+            "requested": classes,
+            "classes": list(counts),
+            "images_per_class": counts,
+            "num_per_class": num if classes != ABNORMAL else None,
             "seed": seed,
             "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         },

@@ -32,12 +32,14 @@ from fetalbrain.data.images import read_grayscale
 from fetalbrain.data.synthetic import read_synthetic_folder
 from fetalbrain.data.transforms import inference_pipeline
 from fetalbrain.evaluation.synthetic import (
+    PIXEL_SPACES,
     closest_pairs_figure,
     fid_kid,
     knn_precision_recall,
     matched_subsample,
     memorisation,
     per_class_quality,
+    pixel_vectors,
 )
 from fetalbrain.models.classifier import load_classifier
 from fetalbrain.progress import track
@@ -77,22 +79,6 @@ class FeatureSpace:
         finally:
             hook.remove()
         return torch.cat(captured).double().numpy()
-
-
-PIXEL_SPACES = {True: "each image to zero mean and unit variance", False: "raw grey levels: brightness decides"}
-
-
-def pixels(images: list[np.ndarray], size: int, normalise: bool = True) -> np.ndarray:
-    """Images as pixel vectors at ``size`` x ``size``; with ``normalise`` each image to zero mean and unit variance.
-
-    Raw grey levels let brightness decide the nearest neighbour: a dark fake is "closest" to the darkest training
-    image whatever it shows, and a near-black training image becomes everyone's neighbour. Normalised, the
-    distance follows structure (it is a monotone function of the images' correlation)."""
-    vectors = np.stack([cv2.resize(im, (size, size), interpolation=cv2.INTER_AREA).ravel() / 255.0 for im in images])
-    if not normalise:
-        return vectors
-    centred = vectors - vectors.mean(axis=1, keepdims=True)
-    return centred / np.maximum(centred.std(axis=1, keepdims=True), 1e-6)
 
 
 def generator_split(info: dict):
@@ -195,7 +181,7 @@ def evaluate_quality(cfg: DictConfig) -> dict:
 
     normalise = cfg.get("pixel_normalise", True)
     px = {
-        name: pixels(images, cfg.pixel_size, normalise)
+        name: pixel_vectors(images, cfg.pixel_size, normalise)
         for name, images in (("train", train_images), ("val", val_images), ("fake", fake_images))
     }
     memo = {}

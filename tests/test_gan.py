@@ -14,6 +14,7 @@ from lightning.pytorch.loggers import WandbLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from fetalbrain.models.diffaugment import OPERATIONS, DiffAugment, resolve_policy, translation
 from fetalbrain.models.gan import (
     ConditionalWGANGP,
     Critic,
@@ -22,6 +23,7 @@ from fetalbrain.models.gan import (
     ema_with_warmup,
     gradient_penalty,
     load_gan,
+    r1_penalty,
 )
 
 CLASSES = ["normal", "arachnoid-cyst", "encephalocele"]
@@ -97,6 +99,14 @@ def test_gradient_penalty_matches_its_analytic_value_for_a_linear_critic():
     assert gradient_penalty(unit, real, fake, labels).item() == pytest.approx(0.0, abs=1e-8)
 
 
+def test_r1_penalty_matches_its_analytic_value_for_a_linear_critic():
+    w = torch.randn(1, 4, 4, generator=torch.Generator().manual_seed(2))
+    real = torch.randn(5, 1, 4, 4)
+    assert r1_penalty(LinearCritic(w), real, torch.zeros(5, dtype=torch.long)).item() == pytest.approx(
+        w.pow(2).sum().item(), rel=1e-5
+    )
+
+
 def test_gradient_penalty_runs_in_fp32_under_bf16_autocast():
     critic = Critic(num_classes=3, width=8, image_size=32)
     real, fake = torch.rand(4, 1, 32, 32) * 2 - 1, (torch.rand(4, 1, 32, 32) * 2 - 1).bfloat16()
@@ -140,6 +150,16 @@ def test_bad_configuration_is_refused():
         ConditionalWGANGP(CLASSES, PREPROCESSING, optimizer=ADAM, scheduler=partial(torch.optim.lr_scheduler.StepLR))
     with pytest.raises(ValueError, match="no optimizer"):
         ConditionalWGANGP(CLASSES, PREPROCESSING).configure_optimizers()
+
+
+def test_regularisers_and_augmentation_policy_are_checked_by_key():
+    with pytest.raises(ValueError, match="model.gp_lambda=0.0, model.r1_gamma=0.0"):
+        tiny_gan(gp_lambda=0.0)
+    with pytest.raises(ValueError, match="model.diffaugment: unknown operation 'rotate'.*translation"):
+        tiny_gan(diffaugment=["translation", "rotate"])
+    assert resolve_policy("color,translation") == ("brightness", "contrast", "translation")
+    assert resolve_policy(None) == resolve_policy([]) == ()
+    assert tiny_gan(diffaugment="cutout").hparams.diffaugment == ["cutout"]
 
 
 def test_critic_learning_rate_factor():
@@ -233,6 +253,74 @@ def test_sample_grids_go_to_wandb_loggers(trained, monkeypatch):
     trained.model.on_train_epoch_end()
     assert wandb.images and wandb.images[0][0] == "samples"
     assert all(Path(p).is_file() for p in wandb.images[0][1])
+
+
+# ---- DiffAugment ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(OPERATIONS))
+def test_each_augmentation_changes_images_and_passes_gradients(name):
+    torch.manual_seed(0)
+    x = (torch.rand(16, 1, 16, 16) * 2 - 1).requires_grad_(True)
+    out = OPERATIONS[name](x)
+    assert out.shape == x.shape and not torch.equal(out, x)
+    out.pow(2).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_translation_shifts_the_image_and_fills_with_background():
+    torch.manual_seed(3)
+    x = torch.full((64, 1, 16, 16), 0.5)
+    x[:, :, 8, 8] = 1.0  # one bright pixel: where it lands is the shift
+    out = translation(x)
+    assert set(out.unique().tolist()) <= {-1.0, 0.5, 1.0}  # values moved, background -1 where the image left
+    landed = (out == 1.0).nonzero()[:, 2:] - 8
+    assert len(landed) == 64 and landed.abs().max() <= 2  # at most 1/8 of the side
+    assert len({tuple(d) for d in landed.tolist()}) > 5  # each image its own draw
+
+
+def test_diffaugment_reaches_the_generator_and_is_applied_to_real_and_fake_alike(tmp_path):
+    """The critic sees real and fake only through the augmentation, each with its own draw, and the
+    generator's loss differentiates through it: the generator is trained against augmented critic inputs."""
+
+    class Recording(nn.Module):
+        def __init__(self, augment):
+            super().__init__()
+            self.augment, self.calls = augment, []
+
+        def forward(self, x):
+            out = self.augment(x)
+            self.calls.append((x.detach().clone(), out.detach().clone(), x.requires_grad))
+            return out
+
+    torch.manual_seed(0)
+    model = tiny_gan(n_critic=1, diffaugment=["translation", "cutout", "color"])
+    recording = model.augment = Recording(model.augment)
+    data = loader(2)
+    real_batches = [model.to_unit_range(images) for images, _ in data]
+    fit(model, tmp_path, batches=2)
+    assert len(recording.calls) == 6  # per batch: real and fake for the critic, fake for the generator
+    for batch, real in enumerate(real_batches):
+        (real_in, real_out, _), (fake_in, fake_out, fake_grad), (gen_in, gen_out, gen_grad) = recording.calls[
+            3 * batch : 3 * batch + 3
+        ]
+        assert torch.equal(real_in, real) and not torch.equal(real_out, real_in)  # the real batch, augmented
+        assert not fake_grad and not torch.equal(fake_out, fake_in)  # the critic's fakes, augmented too
+        assert gen_grad and not torch.equal(gen_out, gen_in)  # the generator's fakes: with their graph
+
+    # Gradients reach every generator layer through the augmentation.
+    model.zero_grad()
+    labels = torch.tensor([0, 1, 2, 0])
+    fake = model.generator(torch.randn(4, 16), labels)
+    model.critic(model.augment.augment(fake), labels).sum().backward()
+    grads = [p.grad for p in model.generator.parameters()]
+    assert all(g is not None for g in grads) and all(g.abs().sum() > 0 for g in grads)
+
+
+def test_r1_alone_trains_and_is_logged(tmp_path):
+    model = tiny_gan(n_critic=1, gp_lambda=0.0, r1_gamma=1.0, diffaugment=["translation"])
+    trainer = fit(model, tmp_path, batches=2)
+    assert float(trainer.callback_metrics["train/gradient_penalty"]) == 0.0
+    assert float(trainer.callback_metrics["train/r1_penalty"]) > 0.0
+    assert isinstance(model.augment, DiffAugment) and model.augment.policy == ("translation",)
 
 
 # ---- sampling and checkpoints ----------------------------------------------------------------------

@@ -40,9 +40,28 @@ def small_root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def generator_run(small_root, tmp_path_factory):
+def judge(small_root, tmp_path_factory) -> Path:
+    """A real-only classifier of the generator's split with its OOD detector: the quality curve's judge."""
+    run_dir = tmp_path_factory.mktemp("judge")
+    overrides = [*TINY, "model=cnn", f"data.root={small_root}", "data.num_folds=3", "evaluation.ood.enabled=true"]
+    with train_config(run_dir, overrides) as cfg:
+        summary, _ = train(cfg)
+    return Path(summary["run"]["best_checkpoint"])
+
+
+@pytest.fixture(scope="module")
+def generator_run(small_root, judge, tmp_path_factory):
+    """The generator of these tests, DiffAugment on, scored by the judge after every generator step."""
     run_dir = tmp_path_factory.mktemp("gan")
-    with train_config(run_dir, [*GAN, f"data.root={small_root}", "data.fold=0"]) as cfg:
+    quality = [
+        "callbacks=generator",
+        "callbacks.progress_bar=null",
+        f"callbacks.generator_quality.classifier={judge}",
+        "callbacks.generator_quality.every_n_generator_steps=1",
+        "callbacks.generator_quality.kid_subsets=5",
+        "model.diffaugment=[translation,cutout,color]",
+    ]
+    with train_config(run_dir, [*GAN, *quality, f"data.root={small_root}", "data.fold=0"]) as cfg:
         summary, objects = train(cfg)
     return run_dir, summary, objects["datamodule"]
 
@@ -58,7 +77,7 @@ def datamodule(root, synthetic, mix, fold=0, ratio=0.5):
     with train_config(
         Path("/tmp/unused"), [*TINY, f"data.root={root}", "data.num_folds=3", f"data.fold={fold}"]
     ) as cfg:
-        cfg.data.synthetic, cfg.data.mix, cfg.data.synthetic_ratio = str(synthetic), mix, ratio
+        cfg.data.synthetic, cfg.data.mix, cfg.data.synthetic_ratio = str(synthetic) if synthetic else None, mix, ratio
         dm = instantiate(cfg.data)
     dm.setup("fit")
     return dm
@@ -98,6 +117,58 @@ def test_generate_is_deterministic_and_writes_a_manifest(generator_run, generate
         generate(checkpoint, tmp_path / "bad", classes="no-such-class")
     with pytest.raises(FileExistsError, match="overwrite=true"):
         generate(checkpoint, tmp_path / "again", num=1)
+
+
+def test_the_quality_curve_scores_every_point_against_the_real_scale(generator_run):
+    run_dir, summary, dm = generator_run
+    curve = pd.read_csv(run_dir / "quality_curve.csv")
+    assert list(curve["generator_step"]) == [0, 1, 2]  # the untrained generator, then every step
+    assert curve["cpu_hours"].is_monotonic_increasing and (curve["cpu_hours"] > 0).iloc[1:].all()
+    assert (curve["gpu_hours"] == 0).all() and (curve["wall_hours"] > 0).iloc[1:].all()
+    for column in ("precision", "recall", "ood_acceptance", "cas", "memorised_pixels", "memorised_features"):
+        assert curve[column].between(0, 1).all(), column
+    assert (curve["fid"] > 0).all() and curve["reference_fid"].nunique() == 1
+    assert curve["reference_memorised_pixels"].iloc[0] == 0.05
+    # The reference is real validation through the same judge: its CAS is the judge's own validation accuracy.
+    assert 0 <= curve["reference_cas"].iloc[0] <= 1 and 0 < curve["reference_ood_acceptance"].iloc[0] <= 1
+    assert (run_dir / "quality_curve.png").is_file()
+    assert summary["metrics"]["quality/generator_step"] == 2 and "quality/fid" in summary["metrics"]
+    assert any(note.startswith("Quality at generator step 2") for note in summary["notes"])
+    assert summary["metrics"]["gan/generator_steps"] == 2
+
+
+def test_the_quality_judge_must_be_a_real_only_classifier_of_the_same_split(small_root, judge, tmp_path):
+    from types import SimpleNamespace
+
+    from fetalbrain.training.generator_quality import GeneratorQuality
+
+    other_fold = datamodule(small_root, None, "real", fold=1)
+    trainer = SimpleNamespace(is_global_zero=True, datamodule=other_fold, default_root_dir=tmp_path)
+    gan = SimpleNamespace(hparams=SimpleNamespace(class_names=other_fold.class_names, latent_dim=8))
+    with pytest.raises(ValueError, match=r"real-only classifier of the generator's split.*data.fold: 0 vs 1"):
+        GeneratorQuality(classifier=str(judge)).on_fit_start(trainer, gan)
+    with pytest.raises(FileNotFoundError, match="callbacks.generator_quality.classifier=.*no such checkpoint"):
+        GeneratorQuality(classifier=str(tmp_path / "missing.ckpt")).on_fit_start(trainer, gan)
+    with pytest.raises(ValueError, match="every_n_generator_steps=0"):
+        GeneratorQuality(classifier=str(judge), every_n_generator_steps=0)
+
+
+def test_abnormal_draws_the_anomaly_classes_in_their_training_proportions(generator_run, generated, tmp_path):
+    checkpoint = Path(generator_run[1]["run"]["best_checkpoint"])
+    manifest = generate(checkpoint, tmp_path / "abnormal", num=20, classes="abnormal", seed=3)
+    seen = pd.read_csv(generator_run[0] / "train_images.csv")["label"]
+    abnormal = seen[seen != "normal"].value_counts(normalize=True)
+    counts = manifest["class"].value_counts()
+    assert len(manifest) == 20 and "normal" not in counts
+    for label, share in abnormal.items():  # largest remainders: within one image of the exact share
+        assert abs(counts.get(label, 0) - 20 * share) < 1, label
+    info = json.loads((tmp_path / "abnormal" / "manifest.json").read_text())
+    assert info["requested"] == "abnormal" and info["images_per_class"] == counts.to_dict()
+    assert info["num_per_class"] is None
+    all_classes = pd.read_csv(generated / "manifest.csv")
+    label = counts.index[0]  # each class draws from its own seed: the first images of class=all's rows
+    for a, b in zip(manifest[manifest["class"] == label]["file"], all_classes[all_classes["class"] == label]["file"]):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "abnormal" / a)), np.asarray(Image.open(generated / b)))
 
 
 def test_generate_refuses_a_classifier_checkpoint(trained_checkpoint, tmp_path):

@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+import cv2
 import matplotlib
 
 matplotlib.use("Agg")
@@ -253,6 +254,22 @@ def closest_pairs_figure(
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+PIXEL_SPACES = {True: "each image to zero mean and unit variance", False: "raw grey levels: brightness decides"}
+
+
+def pixel_vectors(images: Sequence[np.ndarray], size: int, normalise: bool = True) -> np.ndarray:
+    """Images as pixel vectors at ``size`` x ``size``; with ``normalise`` each image to zero mean and unit variance.
+
+    Raw grey levels let brightness decide the nearest neighbour: a dark fake is "closest" to the darkest training
+    image whatever it shows, and a near-black training image becomes everyone's neighbour. Normalised, the
+    distance follows structure (it is a monotone function of the images' correlation)."""
+    vectors = np.stack([cv2.resize(im, (size, size), interpolation=cv2.INTER_AREA).ravel() / 255.0 for im in images])
+    if not normalise:
+        return vectors
+    centred = vectors - vectors.mean(axis=1, keepdims=True)
+    return centred / np.maximum(centred.std(axis=1, keepdims=True), 1e-6)
 
 
 def _label_indices(labels, class_names: Sequence[str], name: str) -> np.ndarray:

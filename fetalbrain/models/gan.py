@@ -3,6 +3,10 @@
 The generator is conditioned through class-conditional batch norm, the critic through a projection head
 (Miyato & Koyama 2018). Training is one critic step per batch and one generator step every ``n_critic``
 critic steps; an EMA of the generator's weights draws every sample that leaves the module.
+
+For small data (about 1,100 training images here) the critic sees real and fake images only through the same
+differentiable augmentation (``diffaugment``, Zhao et al. 2020), and an R1 penalty on real images (``r1_gamma``,
+Mescheder et al. 2018) can stand beside, or instead of, the gradient penalty.
 """
 
 import math
@@ -12,6 +16,7 @@ from pathlib import Path
 import lightning as L
 import matplotlib
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import WandbLogger
@@ -19,6 +24,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 from fetalbrain.data.classes import display_name
+from fetalbrain.models.diffaugment import DiffAugment
 from fetalbrain.project import plain
 from fetalbrain.runs.checkpoints import read_checkpoint
 from fetalbrain.runs.layout import Report
@@ -27,6 +33,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 TRAIN_IMAGES_FILE = "train_images.csv"  # the real images a generator saw: generate copies it, mixes check it
+QUALITY_CURVE_CSV = "quality_curve.csv"  # quality against compute (callbacks.generator_quality), in the run folder
+QUALITY_CURVE_PNG = "quality_curve.png"
 
 
 class GANDivergedError(RuntimeError):
@@ -136,6 +144,15 @@ def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor, 
         return ((norms - 1) ** 2).mean()
 
 
+def r1_penalty(critic: nn.Module, real: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """mean(‖∇D(x)‖₂²) on the (augmented) real images: keeps the critic flat where the data lie, which stops it
+    from sharpening around the few training images it has memorised. fp32 outside autocast, as the GP."""
+    with torch.autocast(device_type=real.device.type, enabled=False):
+        real = real.detach().float().requires_grad_(True)
+        (gradients,) = torch.autograd.grad(critic(real, labels).float().sum(), real, create_graph=True)
+        return gradients.flatten(1).pow(2).sum(dim=1).mean()
+
+
 def ema_with_warmup(decay: float):
     """An AveragedModel ``multi_avg_fn``: EMA whose decay ramps up as min(decay, (1 + n) / (10 + n)).
 
@@ -178,6 +195,8 @@ class ConditionalWGANGP(L.LightningModule):
         generator_width: int = 64,
         critic_width: int = 64,
         gp_lambda: float = 10.0,
+        r1_gamma: float = 0.0,
+        diffaugment: list[str] | str | None = None,
         n_critic: int = 5,
         critic_lr_factor: float = 1.0,
         ema_decay: float = 0.999,
@@ -194,6 +213,12 @@ class ConditionalWGANGP(L.LightningModule):
             raise ValueError(f"data.channels={preprocessing.get('channels')!r}: the WGAN-GP generates 1-channel images")
         if n_critic < 1:
             raise ValueError(f"model.n_critic={n_critic}: needs at least one critic step per generator step")
+        if gp_lambda < 0 or r1_gamma < 0 or gp_lambda == r1_gamma == 0:
+            raise ValueError(
+                f"model.gp_lambda={gp_lambda}, model.r1_gamma={r1_gamma}: both must be >= 0 and one > 0 "
+                "(an unregularised Wasserstein critic is unbounded)"
+            )
+        augment = DiffAugment(diffaugment)  # checks the policy's names here, before anything trains
         class_names = list(plain(class_names))
         image_size = check_image_size(preprocessing.get("image_size"))
         self.save_hyperparameters(
@@ -205,6 +230,8 @@ class ConditionalWGANGP(L.LightningModule):
                 "generator_width": generator_width,
                 "critic_width": critic_width,
                 "gp_lambda": gp_lambda,
+                "r1_gamma": r1_gamma,
+                "diffaugment": list(augment.policy),
                 "n_critic": n_critic,
                 "critic_lr_factor": critic_lr_factor,
                 "ema_decay": ema_decay,
@@ -220,6 +247,7 @@ class ConditionalWGANGP(L.LightningModule):
         num_classes = len(class_names)
         self.generator = Generator(num_classes, latent_dim, generator_width, image_size)
         self.critic = Critic(num_classes, critic_width, image_size)
+        self.augment = augment  # before the critic, on real and fake alike
         # A submodule, so the checkpoint carries the averaged weights that sampling uses.
         self.ema = AveragedModel(self.generator, multi_avg_fn=ema_with_warmup(ema_decay), use_buffers=True)
         self.ema.requires_grad_(False)
@@ -259,9 +287,16 @@ class ConditionalWGANGP(L.LightningModule):
         self.toggle_optimizer(opt_critic)
         with torch.no_grad():
             fake = self.generator(torch.randn(size, hp.latent_dim, device=self.device), labels)
-        wasserstein = self.critic(real, labels).float().mean() - self.critic(fake, labels).float().mean()
-        penalty = gradient_penalty(self.critic, real, fake, labels)
-        critic_loss = -wasserstein + hp.gp_lambda * penalty
+        real_seen, fake_seen = self.augment(real), self.augment(fake)  # each its own random draw
+        wasserstein = self.critic(real_seen, labels).float().mean() - self.critic(fake_seen, labels).float().mean()
+        critic_loss = -wasserstein
+        penalty = r1 = torch.zeros((), device=self.device)
+        if hp.gp_lambda != 0:
+            penalty = gradient_penalty(self.critic, real_seen, fake_seen, labels)
+            critic_loss = critic_loss + hp.gp_lambda * penalty
+        if hp.r1_gamma > 0:
+            r1 = r1_penalty(self.critic, real_seen, labels)
+            critic_loss = critic_loss + hp.r1_gamma / 2 * r1
         self._check("critic", critic_loss)
         opt_critic.zero_grad()
         self.manual_backward(critic_loss)
@@ -271,12 +306,14 @@ class ConditionalWGANGP(L.LightningModule):
         log = dict(on_step=False, on_epoch=True, batch_size=size)
         self.log("train/critic_loss", critic_loss.detach(), prog_bar=True, **log)
         self.log("train/gradient_penalty", penalty.detach(), **log)
+        if hp.r1_gamma > 0:
+            self.log("train/r1_penalty", r1.detach(), **log)
         self.log("train/wasserstein", wasserstein.detach(), prog_bar=True, **log)
 
         if self.critic_steps % hp.n_critic == 0:
             self.toggle_optimizer(opt_generator)
             fake = self.generator(torch.randn(size, hp.latent_dim, device=self.device), labels)
-            generator_loss = -self.critic(fake, labels).float().mean()
+            generator_loss = -self.critic(self.augment(fake), labels).float().mean()  # gradients pass through
             self._check("generator", generator_loss)
             opt_generator.zero_grad()
             self.manual_backward(generator_loss)
@@ -308,7 +345,7 @@ class ConditionalWGANGP(L.LightningModule):
 
     # ---- samples --------------------------------------------------------------------------------
     @torch.no_grad()
-    def _ema_images(self, z: torch.Tensor, labels: torch.Tensor, batch_size: int = 64) -> np.ndarray:
+    def ema_images(self, z: torch.Tensor, labels: torch.Tensor, batch_size: int = 64) -> np.ndarray:
         """uint8 (N, H, W) from the EMA generator in eval mode, leaving the module's mode as it was."""
         net = self.ema.module
         was_training = net.training
@@ -329,13 +366,13 @@ class ConditionalWGANGP(L.LightningModule):
         self.eval()
         labels = torch.as_tensor(labels, dtype=torch.long).flatten()
         noise = torch.randn(len(labels), self.hparams.latent_dim, generator=torch.Generator().manual_seed(seed))
-        return self._ema_images(noise, labels.to(self.device), batch_size)
+        return self.ema_images(noise, labels.to(self.device), batch_size)
 
     def sample_grid(self, path: Path, title: str) -> Path:
         """One row per class, ``samples_per_class`` columns, from the fixed noise and the EMA generator."""
         per_class, names = self.hparams.samples_per_class, self.hparams.class_names
         labels = torch.arange(len(names), device=self.device).repeat_interleave(per_class)
-        images = self._ema_images(self.fixed_noise, labels)
+        images = self.ema_images(self.fixed_noise, labels)
         size, gap = images.shape[-1], 2
         tiles = images.reshape(len(names), per_class, size, size)
         tiles = np.pad(tiles, ((0, 0), (0, 0), (0, gap), (0, gap)), constant_values=255)  # white gutters
@@ -412,10 +449,23 @@ class ConditionalWGANGP(L.LightningModule):
         path = self.sample_grid(run_dir / "samples.png", f"{self.hparams.name}: final EMA generator, fixed noise")
         train = datamodule.part_table("train")
         metrics = {"gan/critic_steps": float(self.critic_steps), "gan/generator_steps": float(self.generator_steps)}
-        for key in ("wasserstein", "critic_loss", "generator_loss", "gradient_penalty"):
+        for key in ("wasserstein", "critic_loss", "generator_loss", "gradient_penalty", "r1_penalty"):
             if f"train/{key}" in trainer.callback_metrics:
                 metrics[f"gan/{key}"] = float(trainer.callback_metrics[f"train/{key}"])
+        figures = {"samples/final": path}
         notes = []
+        curve = run_dir / QUALITY_CURVE_CSV
+        if curve.is_file():  # the last point of the quality curve: how good the final generator is
+            last = pd.read_csv(curve).iloc[-1]
+            metrics |= {f"quality/{k}": float(v) for k, v in last.items() if k not in ("epoch", "evaluation_seconds")}
+            figures["quality/curve"] = run_dir / QUALITY_CURVE_PNG
+            notes.append(
+                f"Quality at generator step {int(last['generator_step'])} ({last['cpu_hours']:.2f} CPU-hours): "
+                f"FID {last['fid']:.1f} (real validation {last['reference_fid']:.1f}), k-NN precision "
+                f"{last['precision']:.2f} / recall {last['recall']:.2f} (real {last['reference_precision']:.2f} / "
+                f"{last['reference_recall']:.2f}), OOD detector accepts {last['ood_acceptance']:.2f}, CAS "
+                f"{last['cas']:.2f} (real {last['reference_cas']:.2f})"
+            )
         for label in self.hparams.class_names:
             rows = train[train["label"] == label]
             cases, name = rows["case"].nunique(), display_name(label)
@@ -425,7 +475,7 @@ class ConditionalWGANGP(L.LightningModule):
             notes.append(f"{name}: learnt from {len(rows)} image(s) of {cases} case(s)")
             if cases == 1:
                 notes.append(f"{name} was learnt from a single case: its samples can only vary that case")
-        return Report(metrics, notes, figures={"samples/final": path})  # the entry point logs the figures
+        return Report(metrics, notes, figures=figures)  # the entry point logs the figures
 
 
 def load_gan(checkpoint: str | Path | dict) -> ConditionalWGANGP:
