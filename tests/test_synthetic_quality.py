@@ -57,6 +57,12 @@ def test_fid_and_kid_match_direct_formulas():
     rng = np.random.default_rng(1)
     real, fake = gaussian(rng, 400), 1.3 * gaussian(rng, 300, shift=0.2)
     assert fid_kid(real, fake, kid_subsets=3)["fid"] == pytest.approx(frechet_distance(real, fake), rel=1e-4)
+    # Fewer images than features (rank-deficient covariances, as a few hundred images in 1,280 features), one set
+    # smaller than the other: the same value as the textbook route.
+    small_real, small_fake = gaussian(rng, 12, d=40), gaussian(rng, 9, d=40, shift=0.5)
+    assert fid_kid(small_real, small_fake, kid_subsets=2)["fid"] == pytest.approx(
+        frechet_distance(small_real, small_fake), rel=1e-6
+    )
     # Subsets as large as both sets are mere permutations of them, so KID becomes exact and deterministic.
     full = fid_kid(real[:300], fake, kid_subset_size=300, kid_subsets=2)
     assert full["kid_mean"] == pytest.approx(unbiased_mmd(real[:300], fake), rel=1e-8)

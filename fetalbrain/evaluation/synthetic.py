@@ -2,7 +2,8 @@
 
 Inception weights cannot be downloaded here, and Inception features say little about ultrasound anyway, so
 every function takes precomputed feature vectors (a trained classifier's penultimate layer, or raw pixels).
-FID and KID are torchmetrics' own maths, fed those vectors through an identity "feature extractor";
+KID is torchmetrics' own maths, fed those vectors through an identity "feature extractor"; FID is the same
+formula computed through the smaller of the sample and feature dimensions (``frechet_distance``);
 precision/recall follow Kynkäänniemi et al. (2019); memorisation compares each fake's nearest training
 neighbour with the real-to-real nearest-neighbour scale, so "close" is judged against how close two
 independent real images usually are.
@@ -22,7 +23,6 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
-from torchmetrics.image.fid import FrechetInceptionDistance  # noqa: E402
 from torchmetrics.image.kid import KernelInceptionDistance  # noqa: E402
 
 from fetalbrain.data.classes import display_name  # noqa: E402
@@ -32,11 +32,8 @@ _CHUNK_ELEMENTS = 1 << 22
 
 
 class PrecomputedFeatures(nn.Module):
-    """Identity "feature extractor" so torchmetrics' FID/KID run on vectors we already have.
-
-    FID reads ``num_features`` to size its running sums (otherwise it would probe the module with a dummy
-    3x299x299 image); both metrics then call the module on whatever ``update`` receives.
-    """
+    """Identity "feature extractor" so torchmetrics' KID runs on vectors we already have: it calls the module on
+    whatever ``update`` receives."""
 
     def __init__(self, num_features: int):
         super().__init__()
@@ -66,6 +63,30 @@ def _pair(a, b, names: tuple[str, str], min_rows: int = 2) -> tuple[np.ndarray, 
     return a, b
 
 
+def _root_factor(x: torch.Tensor) -> torch.Tensor:
+    """L with L Lᵀ = cov(x): the centred samples / sqrt(n - 1) (d x n) when there are fewer samples than features,
+    else the symmetric square root of the d x d covariance."""
+    centred = (x - x.mean(dim=0)).T / math.sqrt(len(x) - 1)
+    if centred.shape[1] <= centred.shape[0]:
+        return centred
+    values, vectors = torch.linalg.eigh(centred @ centred.T)
+    return vectors * values.clamp_min(0).sqrt()
+
+
+def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """‖μ₁ − μ₂‖² + tr Σ₁ + tr Σ₂ − 2 tr √(Σ₁Σ₂), in float64, exactly and without a d x d matrix square root.
+
+    With Σᵢ = LᵢLᵢᵀ, the eigenvalues of Σ₁Σ₂ are those of (L₁ᵀL₂)(L₁ᵀL₂)ᵀ, so tr √(Σ₁Σ₂) is the sum of the singular
+    values of L₁ᵀL₂ (its nuclear norm). Lᵢ has min(nᵢ, d) columns: a few hundred images in 1,280 features cost
+    an SVD of a few hundred squared instead of the 1,280 x 1,280 non-symmetric eigenproblem of the textbook route
+    (torchmetrics'), and the result has no imaginary part to discard."""
+    real, fake = real.double(), fake.double()
+    factor_real, factor_fake = _root_factor(real), _root_factor(fake)
+    trace_root = torch.linalg.matrix_norm(factor_real.T @ factor_fake, ord="nuc")
+    traces = factor_real.pow(2).sum() + factor_fake.pow(2).sum()
+    return float((real.mean(0) - fake.mean(0)).pow(2).sum() + traces - 2 * trace_root)
+
+
 def fid_kid(
     real: np.ndarray, fake: np.ndarray, kid_subset_size: int = 50, kid_subsets: int = 100, seed: int = 0
 ) -> dict:
@@ -88,11 +109,7 @@ def fid_kid(
         raise ValueError(f"kid_subset_size must be at least 2, got {kid_subset_size}")
     real_t, fake_t = torch.from_numpy(real), torch.from_numpy(fake)
 
-    fid = FrechetInceptionDistance(feature=PrecomputedFeatures(real.shape[1]), reset_real_features=True)
-    fid.set_dtype(torch.float64)
-    fid.update(real_t, real=True)
-    fid.update(fake_t, real=False)
-    fid_value = float(fid.compute())
+    fid_value = frechet_distance(real_t, fake_t)
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*will save all extracted features in buffer.*")
