@@ -21,7 +21,7 @@ from fetalbrain.export import export
 from fetalbrain.inference.predictor import Predictor
 from fetalbrain.predict import predict
 from fetalbrain.runs.checkpoints import latest_checkpoint
-from tests.conftest import CONF, DATA, ROOT, bad_files, run_cli
+from tests.conftest import CONF, DATA, ROOT, bad_files, run_main
 
 REAL = sorted(DATA.glob("test/*.jpg"))[:8]
 HC18_HEAD = ROOT / "data" / "hc18-normal-heads" / "images" / "300_HC.jpg"
@@ -30,6 +30,12 @@ HC18_HEAD = ROOT / "data" / "hc18-normal-heads" / "images" / "300_HC.jpg"
 @pytest.fixture(scope="module")
 def predictor(trained_checkpoint):
     return Predictor(trained_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def onnx_export(trained_checkpoint, tmp_path_factory) -> Path:
+    """The trained run exported once (the dynamo exporter takes seconds), alone in its folder."""
+    return export(trained_checkpoint, "onnx", tmp_path_factory.mktemp("onnx") / "model.onnx")
 
 
 def write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2", **tags) -> Path:
@@ -145,11 +151,11 @@ def test_colour_photographs_and_bad_files_are_flagged_not_answered(predictor, tm
     assert "larger than the 67108864 pixel limit" in errors["enormous"]
 
 
-def test_onnx_export_matches_pytorch_and_predicts_alone(predictor, trained_checkpoint, tmp_path):
+def test_onnx_export_matches_pytorch_and_predicts_alone(predictor, trained_checkpoint, onnx_export, tmp_path):
     import onnx
 
-    onnx_path = export(trained_checkpoint, "onnx", tmp_path / "model.onnx")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]  # one file: no external data beside it
+    onnx_path = onnx_export
+    assert sorted(p.name for p in onnx_path.parent.iterdir()) == ["model.onnx"]  # one file: no external data
     graph = onnx.load(str(onnx_path)).graph
     assert graph.input[0].type.tensor_type.shape.dim[0].dim_param  # the batch dimension is symbolic
     onnx_predictor = Predictor(onnx_path)
@@ -178,13 +184,13 @@ def test_torchscript_export_matches_pytorch(predictor, trained_checkpoint, tmp_p
         export(trained_checkpoint, "tflite")
 
 
-def test_predict_cli_writes_a_row_per_file_and_lists_failures(trained_checkpoint, tmp_path):
+def test_predict_cli_writes_a_row_per_file_and_lists_failures(trained_checkpoint, onnx_export, tmp_path):
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     for path in REAL[:3]:
         (inputs / path.name).write_bytes(path.read_bytes())
     (inputs / "broken.jpg").write_bytes(b"\xff\xd8 not really")
-    for model in (trained_checkpoint, export(trained_checkpoint, "onnx", tmp_path / "model.onnx")):
+    for model in (trained_checkpoint, onnx_export):
         out = tmp_path / f"preds_{model.suffix[1:]}.csv"
         with initialize_config_dir(str(CONF), version_base="1.3"):
             cfg = compose(
@@ -202,8 +208,8 @@ def test_predict_cli_writes_a_row_per_file_and_lists_failures(trained_checkpoint
 
 def test_export_command_line_and_default_checkpoint(trained_checkpoint, tmp_path):
     out = tmp_path / "cli.pt"  # the command line's wiring; the ONNX export itself is tested in-process above
-    result = run_cli("export", f"ckpt={trained_checkpoint}", "format=torchscript", f"out={out}", timeout=300)
-    assert out.is_file() and "exported" in result.stdout
+    printed = run_main("export", f"ckpt={trained_checkpoint}", "format=torchscript", f"out={out}")
+    assert out.is_file() and "exported" in printed
     assert latest_checkpoint(trained_checkpoint.parent.parent) == trained_checkpoint
     with pytest.raises(FileNotFoundError, match="no trained run with a checkpoint"):
         latest_checkpoint(tmp_path)

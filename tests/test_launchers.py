@@ -24,7 +24,7 @@ from hydra_plugins.fetalbrain_plugins.launchers import (
     trainer_gpus,
     usable_cores,
 )
-from tests.conftest import CONF, TINY, run_cli
+from tests.conftest import CONF, TINY, run_main
 
 
 def _started_and_ended(job_folder: Path) -> tuple[datetime, datetime]:
@@ -37,7 +37,7 @@ def _started_and_ended(job_folder: Path) -> tuple[datetime, datetime]:
 def test_local_parallel_sweep_runs_two_jobs_at_once_each_in_its_own_folder(tmp_path, monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # the launcher gives each job its share of the cores
     sweep = tmp_path / "sweep"
-    run_cli(
+    run_main(
         "train",
         "-m",
         "model=cnn,separable",

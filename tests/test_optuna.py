@@ -22,7 +22,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 import hydra_plugins.fetalbrain_plugins.optuna_sweeper as sweeper_module
 from fetalbrain.training.pruning import StudyStorageError, display_storage, open_storage
 from hydra_plugins.fetalbrain_plugins import optuna_files, optuna_space, optuna_trials
-from tests.conftest import CONF, ROOT, TINY, run_cli
+from tests.conftest import CONF, ROOT, TINY, run_cli, run_main
 
 SWEEP = ["hparams_search=optuna", *TINY, "model=cnn"]
 TOLERANT = ["hydra.sweeper.max_failure_rate=0.5"]  # one failed trial of 2 or 3 is fine
@@ -61,7 +61,7 @@ def test_study_runs_survives_a_failure_resumes_and_prunes(tmp_path):
     # A grid over one label smoothing that trains and one the loss refuses: the failure is recorded and the
     # study goes on. n_trials is capped at the grid's 2 points; the study is a journal file in the sweep folder.
     first = tmp_path / "first"
-    run_cli("train", *SWEEP, *PINNED, *GRID, *TOLERANT, "hydra.sweeper.n_trials=5", f"hydra.sweep.dir={first}")
+    run_main("train", *SWEEP, *PINNED, *GRID, *TOLERANT, "hydra.sweeper.n_trials=5", f"hydra.sweep.dir={first}")
     storage = first / "optuna_study.journal"
     assert job_folders(first) == ["0", "1"] and storage.is_file()
     trials = pd.read_csv(first / optuna_files.TRIALS_FILE).set_index("model.label_smoothing")
@@ -76,7 +76,7 @@ def test_study_runs_survives_a_failure_resumes_and_prunes(tmp_path):
     # trial queued from Python. A pruner that prunes everything below 2 stops it after its first validation.
     load(storage).enqueue_trial({"model.label_smoothing": 0.0})
     second = tmp_path / "second"
-    run_cli(
+    run_main(
         "train",
         *SWEEP,
         *PINNED,

@@ -19,7 +19,7 @@ from fetalbrain.data.synthetic import SyntheticLeakError
 from fetalbrain.generate import generate
 from fetalbrain.synth_quality import evaluate_quality
 from fetalbrain.training.fit import train
-from tests.conftest import CONF, TINY, make_export, run_cli, train_config
+from tests.conftest import CONF, TINY, make_export, run_main, train_config
 
 GAN = [
     *TINY,
@@ -171,15 +171,15 @@ def test_abnormal_draws_the_anomaly_classes_in_their_training_proportions(genera
         assert np.array_equal(np.asarray(Image.open(tmp_path / "abnormal" / a)), np.asarray(Image.open(generated / b)))
 
 
-def test_generate_refuses_a_classifier_checkpoint(trained_checkpoint, tmp_path):
+def test_generate_refuses_a_classifier_checkpoint(judge, tmp_path):
     with pytest.raises(ValueError, match="not a WGAN-GP checkpoint"):
-        generate(trained_checkpoint, tmp_path / "out", num=1)
+        generate(judge, tmp_path / "out", num=1)
 
 
 def test_generate_command_line(generator_run, tmp_path):
     checkpoint = generator_run[1]["run"]["best_checkpoint"]
-    result = run_cli("generate", f"ckpt={checkpoint}", "num=2", "class=normal", f"out={tmp_path / 'cli'}", "seed=1")
-    assert "2 images" in result.stdout and len(list((tmp_path / "cli" / "normal").glob("*.png"))) == 2
+    printed = run_main("generate", f"ckpt={checkpoint}", "num=2", "class=normal", f"out={tmp_path / 'cli'}", "seed=1")
+    assert "2 images" in printed and len(list((tmp_path / "cli" / "normal").glob("*.png"))) == 2
 
 
 @pytest.mark.parametrize("mix", ["hybrid", "synthetic", "oversample"])
@@ -293,8 +293,8 @@ def copies_of_training_images(generated: Path, seen_run: Path, folder: Path) -> 
     return folder
 
 
-def test_quality_report_flags_a_generator_that_copies(generator_run, generated, trained_checkpoint, tmp_path):
-    options = [f"classifier={trained_checkpoint}", "min_images=4", "kid_subsets=5", "repeats=2"]
+def test_quality_report_flags_a_generator_that_copies(generator_run, generated, judge, tmp_path):
+    options = [f"classifier={judge}", "min_images=4", "kid_subsets=5", "repeats=2"]
     copies = copies_of_training_images(generated, generator_run[0], tmp_path / "copies")
     with initialize_config_dir(str(CONF), version_base="1.3"):  # in-process: the CLI is tested by generate's test
         for folder, out in ((generated, "gan"), (copies, "copied")):
