@@ -42,7 +42,7 @@ def resolve_classes(requested: str, class_names: list[str]) -> list[str]:
     listing what is valid."""
     if requested == "all":
         return list(class_names)
-    if requested == ABNORMAL and ABNORMAL not in class_names:
+    if str(requested).lower() == ABNORMAL and ABNORMAL not in class_names:
         return [c for c in class_names if c != NORMAL_CLASS]
     by_name = {display_name(c).lower(): c for c in class_names} | {c.lower(): c for c in class_names}
     if str(requested).lower() not in by_name:
@@ -60,7 +60,7 @@ def class_seed(seed: int, index: int) -> int:
 def images_per_class(requested: str, chosen: list[str], num: int, train_labels: pd.Series) -> dict[str, int]:
     """``num`` of each chosen class, or for ``abnormal`` ``num`` in all, shared by the classes' counts in the
     generator's training part (largest remainders: the total is exactly ``num``)."""
-    if requested != ABNORMAL:
+    if str(requested).lower() != ABNORMAL or ABNORMAL in chosen:
         return dict.fromkeys(chosen, num)
     counts = train_labels.value_counts().reindex(chosen, fill_value=0)
     if counts.sum() == 0:
@@ -135,12 +135,12 @@ def generate(
             "requested": classes,
             "classes": list(counts),
             "images_per_class": counts,
-            "num_per_class": num if classes != ABNORMAL else None,
+            "num_per_class": num if len(set(counts.values())) == 1 and num in counts.values() else None,
             "seed": seed,
             "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         },
     )
-    log.info("Generated %d images of %d class(es) -> %s", len(manifest), len(chosen), out)
+    log.info("Generated %d images of %d class(es) -> %s", len(manifest), len(counts), out)
     return manifest
 
 

@@ -87,34 +87,42 @@ def pytest_collection_modifyitems(items):
 
 
 def run_main(module: str, *arguments: str) -> str:
-    """``python -m fetalbrain.<module> ...`` in this process: the same Hydra command-line parsing, config search
-    path and task function as the command, without a new interpreter's start (torch and Lightning: seconds).
-    Fails on a non-zero exit; returns what the command printed. Hydra's global state, sys.argv and torch's
-    thread count are restored afterwards."""
+    """``python -m fetalbrain.<module> ...`` in this process, from the repository: the same Hydra command-line
+    parsing, config search path and task function as the command, without a new interpreter's start (torch and
+    Lightning: seconds). Fails on a non-zero exit with what the command printed; returns its stdout. Hydra's
+    global state, the working directory, sys.argv, the root logger's handlers and torch's thread count are
+    restored afterwards."""
     import contextlib
     import io
     import logging
     import runpy
     import warnings
 
-    saved_argv, threads, out = sys.argv, torch.get_num_threads(), io.StringIO()
+    saved_argv, saved_cwd, threads = sys.argv, os.getcwd(), torch.get_num_threads()
+    out, err = io.StringIO(), io.StringIO()
     root = logging.getLogger()
     saved_handlers, saved_level = root.handlers[:], root.level
     GlobalHydra.instance().clear()
     try:
+        os.chdir(ROOT)
         sys.argv = [f"fetalbrain/{module}.py", *arguments]
-        with contextlib.redirect_stdout(out):
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:  # as `python -m`: the module runs as __main__, so Hydra finds conf/ beside its file
                 with warnings.catch_warnings():  # runpy notes the module was imported before: it is, by the tests
                     warnings.filterwarnings("ignore", message=".*found in sys.modules after import of package")
                     runpy.run_module(f"fetalbrain.{module}", run_name="__main__", alter_sys=True)
             except SystemExit as exit_:
-                assert exit_.code in (0, None), f"exit {exit_.code}: {out.getvalue()[-3000:]}"
+                assert exit_.code in (0, None), f"exit {exit_.code}: {(out.getvalue() + err.getvalue())[-3000:]}"
     finally:
         sys.argv = saved_argv
+        os.chdir(saved_cwd)
         GlobalHydra.instance().clear()
+        HydraConfig.instance().cfg = None  # a multirun's config must not outlive it
         torch.set_num_threads(threads)
-        root.handlers[:], root.level = saved_handlers, saved_level  # Hydra's job logging pointed at the capture
+        for handler in root.handlers:  # Hydra's job logging: a file handler and one pointed at the capture
+            if handler not in saved_handlers:
+                handler.close()
+        root.handlers[:], root.level = saved_handlers, saved_level
     return out.getvalue()
 
 

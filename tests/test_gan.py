@@ -14,7 +14,7 @@ from lightning.pytorch.loggers import WandbLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fetalbrain.models.diffaugment import OPERATIONS, DiffAugment, resolve_policy, translation
+from fetalbrain.models.diffaugment import OPERATIONS, DiffAugment, cutout, resolve_policy, translation
 from fetalbrain.models.gan import (
     ConditionalWGANGP,
     Critic,
@@ -277,6 +277,17 @@ def test_translation_shifts_the_image_and_fills_with_background():
     assert len({tuple(d) for d in landed.tolist()}) > 5  # each image its own draw
 
 
+def test_cutout_blanks_one_square_half_the_side_clipped_at_the_border():
+    torch.manual_seed(5)
+    holes = cutout(torch.zeros(200, 1, 16, 16)) == -1.0
+    for hole in holes[:, 0]:
+        rows, cols = hole.any(dim=1).nonzero()[:, 0], hole.any(dim=0).nonzero()[:, 0]
+        assert hole.sum() == len(rows) * len(cols)  # one axis-aligned rectangle
+        assert len(rows) <= 8 and len(cols) <= 8 and (len(rows) == 8 or rows[0] == 0 or rows[-1] == 15)
+    sizes = holes.flatten(1).sum(1)
+    assert (sizes == 64).float().mean() > 0.3 and len({tuple(h.nonzero()[0].tolist()) for h in holes}) > 20
+
+
 def test_diffaugment_reaches_the_generator_and_is_applied_to_real_and_fake_alike(tmp_path):
     """The critic sees real and fake only through the augmentation, each with its own draw, and the
     generator's loss differentiates through it: the generator is trained against augmented critic inputs."""
@@ -294,10 +305,13 @@ def test_diffaugment_reaches_the_generator_and_is_applied_to_real_and_fake_alike
     torch.manual_seed(0)
     model = tiny_gan(n_critic=1, diffaugment=["translation", "cutout", "color"])
     recording = model.augment = Recording(model.augment)
+    seen_by_critic = []
+    model.critic.register_forward_pre_hook(lambda module, args: seen_by_critic.append(args[0].detach().clone()))
     data = loader(2)
     real_batches = [model.to_unit_range(images) for images, _ in data]
     fit(model, tmp_path, batches=2)
     assert len(recording.calls) == 6  # per batch: real and fake for the critic, fake for the generator
+    assert len(seen_by_critic) == 8  # per batch: real, fake, the penalty's interpolates, the generator's fakes
     for batch, real in enumerate(real_batches):
         (real_in, real_out, _), (fake_in, fake_out, fake_grad), (gen_in, gen_out, gen_grad) = recording.calls[
             3 * batch : 3 * batch + 3
@@ -305,6 +319,13 @@ def test_diffaugment_reaches_the_generator_and_is_applied_to_real_and_fake_alike
         assert torch.equal(real_in, real) and not torch.equal(real_out, real_in)  # the real batch, augmented
         assert not fake_grad and not torch.equal(fake_out, fake_in)  # the critic's fakes, augmented too
         assert gen_grad and not torch.equal(gen_out, gen_in)  # the generator's fakes: with their graph
+        critic_real, critic_fake, interpolates, critic_generated = seen_by_critic[4 * batch : 4 * batch + 4]
+        assert torch.equal(critic_real, real_out) and torch.equal(critic_fake, fake_out)  # only augmented images
+        assert torch.equal(critic_generated, gen_out)
+        direction = (real_out - fake_out).flatten(1)  # the penalty interpolates between the augmented pair
+        epsilon = ((interpolates - fake_out).flatten(1) * direction).sum(1) / direction.pow(2).sum(1)
+        rebuilt = fake_out + epsilon.view(-1, 1, 1, 1) * (real_out - fake_out)
+        assert torch.allclose(rebuilt, interpolates, atol=1e-5) and epsilon.min() >= 0 and epsilon.max() <= 1
 
     # Gradients reach every generator layer through the augmentation.
     model.zero_grad()
@@ -331,6 +352,12 @@ def test_generate_is_deterministic_per_seed():
     assert first.shape == (5, 32, 32) and first.dtype == np.uint8
     assert np.array_equal(first, again) and not np.array_equal(first, other)
     assert not model.training
+
+
+def test_the_first_images_of_a_seed_do_not_depend_on_how_many_are_drawn():
+    model = tiny_gan(latent_dim=10)  # not a multiple of torch's block of 16 normal draws
+    many, few = model.generate(torch.zeros(7, dtype=torch.long), seed=2), model.generate(torch.zeros(3), seed=2)
+    assert np.array_equal(many[:3], few)
 
 
 def test_checkpoint_round_trip_reproduces_samples(trained, tmp_path):

@@ -137,6 +137,26 @@ def test_the_quality_curve_scores_every_point_against_the_real_scale(generator_r
     assert summary["metrics"]["gan/generator_steps"] == 2
 
 
+def test_a_resumed_generator_continues_its_curve_and_its_clocks_from_the_checkpoint(
+    small_root, judge, generator_run, tmp_path
+):
+    from types import SimpleNamespace
+
+    from fetalbrain.training.generator_quality import GeneratorQuality
+
+    shutil.copy(generator_run[0] / "quality_curve.csv", tmp_path / "quality_curve.csv")  # points at steps 0, 1, 2
+    dm = datamodule(small_root, None, "real")
+    trainer = SimpleNamespace(is_global_zero=True, datamodule=dm, default_root_dir=tmp_path)
+    gan = SimpleNamespace(hparams=SimpleNamespace(class_names=dm.class_names, latent_dim=128), generator_steps=1)
+    callback = GeneratorQuality(classifier=str(judge))
+    assert callback.state_dict() == {}  # nothing measured yet: nothing to save
+    callback.load_state_dict({"cpu_seconds": 7200.0, "wall_seconds": 3600.0})  # as Lightning does on resume
+    callback.on_fit_start(trainer, gan)
+    assert [r["generator_step"] for r in callback.rows] == [0, 1]  # step 2 came after the checkpoint: redone
+    state = callback.state_dict()
+    assert 7200 <= state["cpu_seconds"] < 7200 + 600 and 3600 <= state["wall_seconds"] < 3600 + 600
+
+
 def test_the_quality_judge_must_be_a_real_only_classifier_of_the_same_split(small_root, judge, tmp_path):
     from types import SimpleNamespace
 
@@ -151,6 +171,17 @@ def test_the_quality_judge_must_be_a_real_only_classifier_of_the_same_split(smal
         GeneratorQuality(classifier=str(tmp_path / "missing.ckpt")).on_fit_start(trainer, gan)
     with pytest.raises(ValueError, match="every_n_generator_steps=0"):
         GeneratorQuality(classifier=str(judge), every_n_generator_steps=0)
+
+
+def test_abnormal_shares_the_images_by_the_training_counts_with_largest_remainders():
+    from fetalbrain.generate import images_per_class
+
+    seen = pd.Series(["a"] * 7 + ["b"] * 2 + ["c"] + ["normal"] * 30)
+    assert images_per_class("abnormal", ["a", "b", "c"], 4, seen) == {"a": 3, "b": 1}  # 2.8, 0.8, 0.4
+    assert images_per_class("Abnormal", ["a", "b", "c"], 10, seen) == {"a": 7, "b": 2, "c": 1}
+    assert images_per_class("b", ["b"], 5, seen) == {"b": 5}
+    with pytest.raises(ValueError, match="class=abnormal: the generator's training part holds no abnormal"):
+        images_per_class("abnormal", ["a"], 3, pd.Series(["normal"]))
 
 
 def test_abnormal_draws_the_anomaly_classes_in_their_training_proportions(generator_run, generated, tmp_path):

@@ -64,8 +64,9 @@ def _pair(a, b, names: tuple[str, str], min_rows: int = 2) -> tuple[np.ndarray, 
 
 
 def _root_factor(x: torch.Tensor) -> torch.Tensor:
-    """L with L Lᵀ = cov(x): the centred samples / sqrt(n - 1) (d x n) when there are fewer samples than features,
-    else the symmetric square root of the d x d covariance."""
+    """A factor L with L Lᵀ = cov(x): the centred samples / sqrt(n - 1) (d x n) when there are fewer samples than
+    features, else V·diag(√λ) from the d x d covariance's eigendecomposition (any such factor gives the same
+    nuclear norm below)."""
     centred = (x - x.mean(dim=0)).T / math.sqrt(len(x) - 1)
     if centred.shape[1] <= centred.shape[0]:
         return centred

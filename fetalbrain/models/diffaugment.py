@@ -6,9 +6,11 @@ alike, each with its own random draw, and the augmentation is made of differenti
 generator's gradient passes through it: the generator is never pushed to draw the augmentations themselves
 (augmenting the real images alone would teach it to draw cut-out squares).
 
-The operations follow the paper's policy ``color,translation,cutout`` for 1-channel images in [-1, 1]
-(saturation has no meaning in grey, so "color" is brightness and contrast). Translation and cutout fill with
--1, the black that surrounds an ultrasound sector, rather than the paper's 0 (mid-grey here).
+The operations are the paper's (``color,translation,cutout``) for 1-channel images in [-1, 1] (saturation has
+no meaning in grey, so "color" is brightness and contrast), applied in the order the policy lists them.
+Translation and cutout fill with -1, the black that surrounds an ultrasound sector, rather than the paper's 0
+(mid-grey here); colour operations listed after them shift and scale the fill too (``experiment=gan_cpu``
+lists ``translation, cutout, color``), the same for real and fake.
 """
 
 from collections.abc import Callable, Sequence

@@ -365,7 +365,11 @@ class ConditionalWGANGP(L.LightningModule):
         """uint8 images (N, H, W) in 0..255 for ``labels``; the same seed and labels give the same images."""
         self.eval()
         labels = torch.as_tensor(labels, dtype=torch.long).flatten()
-        noise = torch.randn(len(labels), self.hparams.latent_dim, generator=torch.Generator().manual_seed(seed))
+        # torch fills normal draws in blocks of 16 and draws short tensors otherwise: a whole number of blocks
+        # (at least one) makes the first k images of a seed the same whatever the number asked for.
+        count = len(labels) * self.hparams.latent_dim
+        values = torch.randn(max(16, -(-count // 16) * 16), generator=torch.Generator().manual_seed(seed))
+        noise = values[:count].view(len(labels), self.hparams.latent_dim)
         return self.ema_images(noise, labels.to(self.device), batch_size)
 
     def sample_grid(self, path: Path, title: str) -> Path:
@@ -457,7 +461,8 @@ class ConditionalWGANGP(L.LightningModule):
         curve = run_dir / QUALITY_CURVE_CSV
         if curve.is_file():  # the last point of the quality curve: how good the final generator is
             last = pd.read_csv(curve).iloc[-1]
-            metrics |= {f"quality/{k}": float(v) for k, v in last.items() if k not in ("epoch", "evaluation_seconds")}
+            kept = {k: float(v) for k, v in last.items() if k not in ("epoch", "evaluation_seconds")}
+            metrics |= {f"quality/{k}": v for k, v in kept.items() if math.isfinite(v)}  # no detector: no OOD column
             figures["quality/curve"] = run_dir / QUALITY_CURVE_PNG
             notes.append(
                 f"Quality at generator step {int(last['generator_step'])} ({last['cpu_hours']:.2f} CPU-hours): "

@@ -18,7 +18,8 @@ ultrasound):
 
 Each evaluation adds a row to ``quality_curve.csv`` (with the CPU-hours, wall-hours and, on a GPU, GPU-hours
 the training itself has used so far, evaluations excluded) and redraws ``quality_curve.png``; the loggers get
-the same values. A resumed run continues the curve and its clocks.
+the same values. A resumed run continues the curve, and its clocks from the checkpoint (the callback's state).
+The evaluations count against ``trainer.max_time``, though not in the clocks.
 """
 
 import logging
@@ -30,6 +31,7 @@ import lightning as L
 import matplotlib
 import numpy as np
 import pandas as pd
+import psutil
 import torch
 from omegaconf import OmegaConf
 
@@ -49,9 +51,17 @@ SPLIT_KEYS = ("splitter", "group_level", "num_folds", "fold", "val_num_folds", "
 
 
 def cpu_seconds() -> float:
-    """User + system CPU time of this process and its finished children (data-loader workers), all threads."""
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    """User + system CPU time of this process, all threads, and of its children: the finished ones (reaped) and
+    the live ones (persistent data-loader workers, which would otherwise count only once they exit)."""
+    own, reaped = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    live = 0.0
+    for child in psutil.Process().children(recursive=True):
+        try:
+            times = child.cpu_times()
+            live += times.user + times.system
+        except psutil.Error:  # exited meanwhile: counted in the reaped children once waited for
+            continue
+    return own.ru_utime + own.ru_stime + reaped.ru_utime + reaped.ru_stime + live
 
 
 def balanced_accuracy(predicted: np.ndarray, labels: np.ndarray) -> float:
@@ -84,6 +94,7 @@ class GeneratorQuality(L.Callback):
         self.goals = dict(OmegaConf.to_container(goals) if OmegaConf.is_config(goals) else goals or {})
         self.active = False
         self.rows: list[dict] = []
+        self.restored: dict | None = None  # the clocks of a resumed run, from its checkpoint
 
     # ---- set-up -------------------------------------------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, gan: L.LightningModule) -> None:
@@ -93,7 +104,10 @@ class GeneratorQuality(L.Callback):
                 "this split) to score the generator while it trains"
             )
             return
-        if not trainer.is_global_zero or trainer.datamodule is None:
+        if not trainer.is_global_zero:
+            return
+        if trainer.datamodule is None:
+            log.warning("No quality curve: the generator was given no DataModule, so there is no real set to compare")
             return
         path = self.classifier_path
         if not path.is_file():
@@ -127,13 +141,27 @@ class GeneratorQuality(L.Callback):
             "memorised_pixels": self.percentile / 100,
             "memorised_features": self.percentile / 100,
         }
-        self.rows = self._earlier_rows()
+        self.rows = [r for r in self._earlier_rows() if r["generator_step"] <= gan.generator_steps]
         self.train_cpu, self.train_wall = 0.0, 0.0
-        if self.rows:  # resumed: the clocks go on from the last row
+        if self.restored:  # resumed: the clocks go on from the checkpoint's
+            self.train_cpu, self.train_wall = self.restored["cpu_seconds"], self.restored["wall_seconds"]
+        elif self.rows:  # a checkpoint from before the clocks were saved: the last point's
             self.train_cpu, self.train_wall = self.rows[-1]["cpu_hours"] * 3600, self.rows[-1]["wall_hours"] * 3600
         self.cpu_mark, self.wall_mark = cpu_seconds(), time.perf_counter()
         self.active = True
         log.info("Quality curve every %d generator steps: %d samples scored by %s", self.every, len(self.labels), path)
+
+    # ---- the clocks in the checkpoint ----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        if not self.active:
+            return {}
+        return {
+            "cpu_seconds": self.train_cpu + cpu_seconds() - self.cpu_mark,
+            "wall_seconds": self.train_wall + time.perf_counter() - self.wall_mark,
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:  # before on_fit_start when a run resumes
+        self.restored = dict(state_dict) if state_dict else None
 
     def _check_same_split(self, path: Path, datamodule) -> None:
         config = run_directory(path) / CONFIG_FILE
@@ -141,6 +169,11 @@ class GeneratorQuality(L.Callback):
             raise FileNotFoundError(f"{config}: needed to check the quality classifier was trained on this split")
         theirs, ours = OmegaConf.load(config).data, datamodule.hparams
         differ = [f"data.{k}: {theirs.get(k)!r} vs {ours.get(k)!r}" for k in SPLIT_KEYS if theirs.get(k) != ours.get(k)]
+        val_predictions = run_directory(path) / "val_predictions.csv"
+        if not differ and val_predictions.is_file():  # the exact check: the same validation images
+            judged = set(pd.read_csv(val_predictions)["path"])
+            if judged != set(datamodule.part_table("val")["path"]):
+                differ.append(f"another validation part ({len(judged)} images in {val_predictions.name})")
         if differ or theirs.get("mix", "real") != "real":
             raise ValueError(
                 f"callbacks.generator_quality.classifier={path} must be a real-only classifier of the generator's "
@@ -225,7 +258,7 @@ class GeneratorQuality(L.Callback):
             self.evaluate(trainer, gan)  # the untrained (or resumed) generator: where the curve starts
 
     def on_train_batch_end(self, trainer, gan, outputs, batch, batch_idx) -> None:
-        if gan.generator_steps % self.every == 0 and self._due(gan):
+        if self.active and gan.generator_steps % self.every == 0 and self._due(gan):
             self.evaluate(trainer, gan)
 
     def on_train_end(self, trainer, gan) -> None:
@@ -242,7 +275,7 @@ PANELS = (  # (title, columns, goal key, goal as a multiple of the reference?)
     ("k-NN precision / recall", ("precision", "recall"), None, False),
     ("OOD detector accepts", ("ood_acceptance",), "ood_acceptance", False),
     ("classification accuracy score", ("cas",), None, False),
-    ("memorised (closer than 5 % of real)", ("memorised_pixels", "memorised_features"), None, False),
+    ("memorised (closer than real neighbours)", ("memorised_pixels", "memorised_features"), None, False),
     ("KID (lower is better)", ("kid",), None, False),
 )
 
