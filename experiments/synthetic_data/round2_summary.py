@@ -37,6 +37,12 @@ def power_law_reach(hours: np.ndarray, values: np.ndarray, target: float) -> flo
     return float(np.exp((np.log(target) - intercept) / slope))
 
 
+def markdown(frame: pd.DataFrame) -> str:
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
 def main(run_dir: Path, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     curve = pd.read_csv(run_dir / "quality_curve.csv")
@@ -66,7 +72,9 @@ def main(run_dir: Path, out: Path) -> None:
                 "power law reaches it at (CPU-hours, a guess)": "–" if met or reach is None else f"{reach:,.0f}",
             }
         )
-    pd.DataFrame(rows).to_csv(out / "readme_goals.csv", index=False)
+    goals = pd.DataFrame(rows)
+    goals.to_csv(out / "readme_goals.csv", index=False)
+    (out / "readme_tables.md").write_text(markdown(goals) + "\n" + markdown(shown))
     summary = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
     facts = {
         "generator_steps": int(last["generator_step"]),
