@@ -135,7 +135,6 @@ def generate(
             "requested": classes,
             "classes": list(counts),
             "images_per_class": counts,
-            "num_per_class": num if len(set(counts.values())) == 1 and num in counts.values() else None,
             "seed": seed,
             "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         },

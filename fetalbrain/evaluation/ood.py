@@ -38,6 +38,8 @@ import torch
 
 from fetalbrain.data.transforms import inference_pipeline
 from fetalbrain.data.tta import with_tta
+from fetalbrain.project import sha256_file
+from fetalbrain.runs.checkpoints import run_directory
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +252,28 @@ class OODDetector:
                 "score) or train the run again"
             )
         return detector
+
+
+def run_detector(checkpoint: str | Path, feature_dim: int) -> tuple["OODDetector | None", str]:
+    """The detector of a checkpoint's run, or None and why not: the run has none, it has no threshold, or it was
+    fitted on another checkpoint of the run (e.g. last.ckpt, not the best). A detector that cannot be read or was
+    fitted on another net's features (``feature_dim``) raises :class:`OODDetectorError` naming the file."""
+    checkpoint = Path(checkpoint)
+    path = run_directory(checkpoint) / DETECTOR_FILE
+    if not path.is_file():
+        return None, (
+            f"none: this run has no {DETECTOR_FILE} (trained before OOD detection, or with "
+            "evaluation.ood.enabled=false), so no image is checked for being a fetal brain ultrasound"
+        )
+    detector = OODDetector.load(path, feature_dim=feature_dim)
+    if detector.threshold is None:
+        return None, f"none: {path} has no threshold"
+    if detector.checkpoint_sha256 != sha256_file(checkpoint):
+        return None, (
+            f"none: {path.name} was fitted on the features of {detector.checkpoint}, not of {checkpoint.name}; "
+            "use that checkpoint for the OOD check"
+        )
+    return detector, f"{detector.describe()} ({path.name})"
 
 
 def fit_detector(

@@ -28,11 +28,11 @@ from fetalbrain.data.transforms import build_pipeline, run_preprocessing
 from fetalbrain.data.tta import check_tta, with_tta
 from fetalbrain.evaluation.calibration import softmax
 from fetalbrain.evaluation.metrics import SHOWN
-from fetalbrain.evaluation.ood import DETECTOR_FILE, OODDetector, features_and_logits
+from fetalbrain.evaluation.ood import OODDetector, features_and_logits, run_detector
 from fetalbrain.models.gradcam import grad_cam, overlay
 from fetalbrain.runs.checkpoints import read_checkpoint, run_directory
 from fetalbrain.runs.choices import run_choices
-from fetalbrain.runs.integrity import sha256_file, verify_checkpoint
+from fetalbrain.runs.integrity import verify_checkpoint
 
 log = logging.getLogger(__name__)
 ONNX_METADATA_KEY = "fetalbrain"
@@ -270,22 +270,8 @@ class Predictor:
             return None, "off (ood=false)"
         if self.model is None:
             return None, "none: the ONNX export gives no features to score; use the run's .ckpt for the OOD check"
-        path = run_directory(self.path) / DETECTOR_FILE
-        if not path.is_file():
-            return None, (
-                f"none: this run has no {DETECTOR_FILE} (trained before OOD detection, or with "
-                "evaluation.ood.enabled=false), so no image is checked for being a fetal brain ultrasound"
-            )
         probe = self.tensor(np.zeros((8, 8), np.uint8))  # any image: the net's feature size
-        detector = OODDetector.load(path, feature_dim=self.features(probe)[0].shape[1])
-        if detector.threshold is None:
-            return None, f"none: {path} has no threshold"
-        if detector.checkpoint_sha256 != sha256_file(self.path):
-            return None, (
-                f"none: {path.name} was fitted on the features of {detector.checkpoint}, not of {self.path.name}; "
-                "use that checkpoint for the OOD check"
-            )
-        return detector, f"{detector.describe()} ({path.name})"
+        return run_detector(self.path, feature_dim=self.features(probe)[0].shape[1])
 
     def tensor(self, gray: np.ndarray, view: np.ndarray | None = None) -> torch.Tensor:
         """The network's input for a decoded image (``view``: its ``self.view``, when already computed)."""

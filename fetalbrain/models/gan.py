@@ -459,8 +459,8 @@ class ConditionalWGANGP(L.LightningModule):
         figures = {"samples/final": path}
         notes = []
         curve = run_dir / QUALITY_CURVE_CSV
-        if curve.is_file():  # the last point of the quality curve: how good the final generator is
-            last = pd.read_csv(curve).iloc[-1]
+        last = pd.read_csv(curve).iloc[-1] if curve.is_file() else None
+        if last is not None and int(last["generator_step"]) == self.generator_steps:  # this generator's last point
             kept = {k: float(v) for k, v in last.items() if k not in ("epoch", "evaluation_seconds")}
             metrics |= {f"quality/{k}": v for k, v in kept.items() if math.isfinite(v)}  # no detector: no OOD column
             figures["quality/curve"] = run_dir / QUALITY_CURVE_PNG

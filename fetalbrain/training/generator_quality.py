@@ -35,12 +35,12 @@ import psutil
 import torch
 from omegaconf import OmegaConf
 
-from fetalbrain.evaluation.ood import DETECTOR_FILE, OODDetector, image_features
+from fetalbrain.evaluation.ood import OODDetector, image_features, run_detector
 from fetalbrain.evaluation.synthetic import fid_kid, knn_precision_recall, memorisation, pixel_vectors
 from fetalbrain.models.classifier import load_classifier
 from fetalbrain.models.gan import QUALITY_CURVE_CSV, QUALITY_CURVE_PNG
 from fetalbrain.runs.checkpoints import run_directory
-from fetalbrain.runs.integrity import sha256_file, verify_checkpoint
+from fetalbrain.runs.integrity import verify_checkpoint
 from fetalbrain.runs.layout import CONFIG_FILE
 
 matplotlib.use("Agg")
@@ -181,14 +181,9 @@ class GeneratorQuality(L.Callback):
             )
 
     def _detector(self, path: Path) -> OODDetector | None:
-        file = run_directory(path) / DETECTOR_FILE
-        if not file.is_file():
-            log.warning("%s missing: the quality curve has no OOD acceptance", file)
-            return None
-        detector = OODDetector.load(file, feature_dim=self.train_features.shape[1])
-        if detector.checkpoint_sha256 != sha256_file(path) or detector.threshold is None:
-            log.warning("%s was fitted on another checkpoint than %s: no OOD acceptance", file, path.name)
-            return None
+        detector, status = run_detector(path, feature_dim=self.train_features.shape[1])
+        if detector is None:
+            log.warning("OOD detector of %s: %s. The quality curve has no OOD acceptance", path, status)
         return detector
 
     def _earlier_rows(self) -> list[dict]:
@@ -250,8 +245,8 @@ class GeneratorQuality(L.Callback):
 
     # ---- hooks --------------------------------------------------------------------------------------------
     def _due(self, gan) -> bool:
-        done = {r["generator_step"] for r in self.rows}
-        return self.active and gan.generator_steps not in done
+        """Not yet scored at this generator step (the rows are in step order: the last one is the newest)."""
+        return self.active and (not self.rows or self.rows[-1]["generator_step"] != gan.generator_steps)
 
     def on_train_start(self, trainer, gan) -> None:
         if self._due(gan):
