@@ -403,3 +403,17 @@ def test_report_names_classes_learnt_from_one_case_or_none(trained, tmp_path):
     assert "Normal: learnt from 2 image(s) of 2 case(s)" in notes
     assert "Arachnoid cyst was learnt from a single case: its samples can only vary that case" in notes
     assert any(n.startswith("Encephalocele is absent from the training part") and "untrained" in n for n in notes)
+
+    # A quality curve in the folder counts only when it ends at this generator's last step (not a stale one).
+    point = dict(
+        epoch=0, cpu_hours=0.5, fid=40.0, reference_fid=8.0, precision=0.8, recall=0.2, reference_precision=0.7
+    )
+    point |= dict(reference_recall=0.6, ood_acceptance=0.9, cas=0.1, reference_cas=0.3, evaluation_seconds=3.0)
+    for last_step, counted in ((2, False), (3, True)):
+        pd.DataFrame([point | {"generator_step": 0}, point | {"generator_step": last_step}]).to_csv(
+            tmp_path / "quality_curve.csv", index=False
+        )
+        report = trained.model.report(trained.trainer, datamodule, tmp_path, options=None)
+        assert ("quality/fid" in report.metrics) is counted and ("quality/curve" in report.figures) is counted
+    assert report.metrics["quality/fid"] == 40.0 and report.metrics["quality/generator_step"] == 3
+    assert any(n.startswith("Quality at generator step 3 (0.50 CPU-hours): FID 40.0") for n in report.notes)
