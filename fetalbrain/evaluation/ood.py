@@ -254,7 +254,7 @@ class OODDetector:
         return detector
 
 
-def run_detector(checkpoint: str | Path, feature_dim: int) -> tuple["OODDetector | None", str]:
+def run_detector(checkpoint: str | Path, feature_dim: int) -> tuple[OODDetector | None, str]:
     """The detector of a checkpoint's run, or None and why not: the run has none, it has no threshold, or it was
     fitted on another checkpoint of the run (e.g. last.ckpt, not the best). A detector that cannot be read or was
     fitted on another net's features (``feature_dim``) raises :class:`OODDetectorError` naming the file."""
